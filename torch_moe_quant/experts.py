@@ -1,0 +1,321 @@
+"""``QuantizedExperts``: the typed container of an MoE layer's expert tensors
+under one scheme, and ``quantize_experts`` that builds it.
+
+Shapes (E experts, hidden size H, intermediate size I, DESIGN §2/§3):
+
+* ``w13``: ``[E, 2I, H]`` for gated activations (``[E, I, H]`` non-gated),
+  gate/up rows arranged as ``layout`` says.
+* ``w2``: ``[E, H, I]``.
+* ``w13_bias [E, 2I]``, ``w2_bias [E, H]``: optional, any float dtype.
+* ``a13_scale``, ``a2_scale``: static activation scales of the inputs of the
+  first and second GEMM (``[1, 1]`` fp32); for nvfp4 they are the activation
+  *global* scales (compressed-tensors ``input_global_scale``).
+
+Sizes that a format's block does not divide are zero-padded when asked
+(``pad_to=``): padded rows/columns are exact zeros, so they add nothing to the
+result, and ``hidden_size``/``intermediate_size`` keep the logical sizes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Optional, Tuple, Union
+
+import torch
+import torch.nn.functional as F
+from torch.utils import _pytree as pytree
+
+from . import formats
+from .activations import GateUpLayout
+from .formats.core import (
+    Format,
+    PerGroup,
+    QuantizedTensor,
+    check_tensor,
+    register_pytree_dataclass,
+    values_available,
+)
+from .formats.layout import TRAITS, validate
+from .schemes import ActOrder, Scheme, ZeroPoint, get_scheme
+
+Weight = Union[torch.Tensor, QuantizedTensor]
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantizedExperts:
+    """Expert tensors of one MoE layer under ``scheme`` (a registered pytree).
+
+    ``w13``/``w2`` are plain tensors for unquantized schemes and
+    ``QuantizedTensor`` otherwise; their logical shapes may be padded beyond
+    ``hidden_size``/``intermediate_size`` (see module docstring).
+    """
+
+    w13: Weight
+    w2: Weight
+    scheme: Scheme
+    hidden_size: int
+    intermediate_size: int
+    layout: GateUpLayout = GateUpLayout.GATE_UP
+    w13_bias: Optional[torch.Tensor] = None
+    w2_bias: Optional[torch.Tensor] = None
+    a13_scale: Optional[torch.Tensor] = None
+    a2_scale: Optional[torch.Tensor] = None
+
+    @property
+    def num_experts(self) -> int:
+        return _shape(self.w13)[0]
+
+    @property
+    def padded_hidden_size(self) -> int:
+        return _shape(self.w2)[1]
+
+    @property
+    def padded_intermediate_size(self) -> int:
+        return _shape(self.w2)[2]
+
+    @property
+    def is_gated(self) -> bool:
+        """True when w13 holds both gate and up rows (2I rows)."""
+        return _shape(self.w13)[1] == 2 * self.padded_intermediate_size
+
+    @property
+    def nbytes(self) -> int:
+        leaves = pytree.tree_leaves(self)
+        return sum(t.numel() * t.element_size() for t in leaves if isinstance(t, torch.Tensor))
+
+    def to(self, device) -> "QuantizedExperts":
+        """Move every tensor to ``device`` (dtypes are the scheme's and stay)."""
+        return pytree.tree_map_only(torch.Tensor, lambda t: t.to(device), self)
+
+
+register_pytree_dataclass(
+    QuantizedExperts,
+    ("w13", "w2", "w13_bias", "w2_bias", "a13_scale", "a2_scale"),
+    ("scheme", "hidden_size", "intermediate_size", "layout"),
+)
+
+
+def _shape(w: Weight) -> Tuple[int, ...]:
+    return tuple(w.shape)
+
+
+# ---------------------------------------------------------------------------
+# Building the container.
+
+
+def _block_multiple(scheme: Scheme) -> int:
+    """The K multiple the scheme's weight *and* activation formats need."""
+    m = 1
+    w = scheme.weight
+    if w.fmt is not None:
+        t = TRAITS[w.fmt]
+        m = math.lcm(m, t.pack_ratio[1])
+        if isinstance(w.granularity, PerGroup):
+            m = math.lcm(m, w.granularity.size)
+    a = scheme.activation
+    if a is not None and isinstance(a.granularity, PerGroup):
+        m = math.lcm(m, a.granularity.size)
+    return m
+
+
+def _pad_dim(t: torch.Tensor, dim: int, size: int) -> torch.Tensor:
+    extra = size - t.shape[dim]
+    if extra == 0:
+        return t
+    pad = [0, 0] * (t.dim() - 1 - dim % t.dim()) + [0, extra]
+    return F.pad(t, pad)
+
+
+def _pad_gate_up(t: torch.Tensor, dim: int, inter: int, padded: int, layout, gated: bool):
+    """Pad the 2I (or I) dim of w13 / w13_bias so each half grows to ``padded``."""
+    if padded == inter:
+        return t
+    if not gated:
+        return _pad_dim(t, dim, padded)
+    if layout is GateUpLayout.INTERLEAVED:  # append (gate, up) zero pairs
+        return _pad_dim(t, dim, 2 * padded)
+    a, b = t.split(inter, dim=dim)
+    return torch.cat([_pad_dim(a, dim, padded), _pad_dim(b, dim, padded)], dim=dim)
+
+
+def _round_up(x: int, m: int) -> int:
+    return -(-x // m) * m
+
+
+def quantize_experts(
+    w13: Weight,
+    w2: Weight,
+    scheme,
+    *,
+    w13_bias: Optional[torch.Tensor] = None,
+    w2_bias: Optional[torch.Tensor] = None,
+    layout: Union[GateUpLayout, str] = GateUpLayout.GATE_UP,
+    a13_scale: Optional[torch.Tensor] = None,
+    a2_scale: Optional[torch.Tensor] = None,
+    pad_to: Optional[int] = None,
+    hidden_size: Optional[int] = None,
+    intermediate_size: Optional[int] = None,
+) -> QuantizedExperts:
+    """Quantize float expert weights to ``scheme``, or validate already
+    quantized ones (``QuantizedTensor``, e.g. from a checkpoint).
+
+    Args:
+        w13: ``[E, 2I, H]`` (gated) or ``[E, I, H]`` float tensor, or a
+            ``QuantizedTensor`` of the scheme's weight format.
+        w2: ``[E, H, I]`` float tensor or ``QuantizedTensor``.
+        scheme: a ``Scheme`` or a name in ``torch_moe_quant.SCHEMES``.
+        w13_bias, w2_bias: optional ``[E, 2I]`` / ``[E, H]`` expert biases.
+        layout: gate/up arrangement of the rows of w13 (``GateUpLayout``).
+        a13_scale, a2_scale: static activation scales (required by schemes
+            whose activations are ``ActQuant.STATIC``; see
+            ``torch_moe_quant.calibrate_activation_scales``).
+        pad_to: when H or I is not a multiple of what the scheme needs
+            (block size, packing), zero-pad them up to a multiple of
+            ``lcm(pad_to, block)``; without it such sizes raise ValueError.
+        hidden_size, intermediate_size: logical (unpadded) sizes when the
+            given weights are already padded (default: their sizes).
+    """
+    scheme = get_scheme(scheme)
+    layout = GateUpLayout(layout)
+    quantized_input = isinstance(w13, QuantizedTensor) or isinstance(w2, QuantizedTensor)
+    for name, w in (("w13", w13), ("w2", w2)):
+        if not isinstance(w, (torch.Tensor, QuantizedTensor)):
+            raise TypeError(f"{name} must be a torch.Tensor or QuantizedTensor, got {type(w).__name__}")
+        if len(w.shape) != 3:
+            raise ValueError(f"{name} must be 3-D [E, rows, K], got shape {tuple(w.shape)}")
+    E, n13, H = _shape(w13)
+    E2, H2, inter = _shape(w2)
+    if E2 != E:
+        raise ValueError(f"w2 has {E2} experts but w13 has {E}: the expert dims must match")
+    if H2 != H:
+        raise ValueError(f"w2.shape[1] (hidden size) must equal w13.shape[2]={H}, got {H2}")
+    if n13 not in (inter, 2 * inter):
+        raise ValueError(
+            f"w13.shape[1] must be 2*I={2 * inter} (gated) or I={inter} (non-gated) "
+            f"where I=w2.shape[2], got {n13}"
+        )
+    gated = n13 == 2 * inter
+    for name, b, want in (("w13_bias", w13_bias, (E, n13)), ("w2_bias", w2_bias, (E, H))):
+        if b is not None:
+            check_tensor(name, b, shape=want)
+            if not b.is_floating_point():
+                raise TypeError(f"{name} must be a float tensor, got {b.dtype}")
+    a13_scale, a2_scale = _check_static_scales(scheme, a13_scale, a2_scale)
+
+    if quantized_input:
+        w13, w2 = _validate_quantized(scheme, w13, w2)
+        return QuantizedExperts(
+            w13, w2, scheme,
+            hidden_size=hidden_size or H,
+            intermediate_size=intermediate_size or inter,
+            layout=layout, w13_bias=w13_bias, w2_bias=w2_bias,
+            a13_scale=a13_scale, a2_scale=a2_scale,
+        )
+
+    for name, w in (("w13", w13), ("w2", w2)):
+        if not w.is_floating_point() or w.dtype.itemsize < 2:
+            raise TypeError(f"{name} must be float32/bfloat16/float16, got {w.dtype}")
+    mult = _block_multiple(scheme)
+    if pad_to is not None:
+        if not isinstance(pad_to, int) or pad_to < 1:
+            raise ValueError(f"pad_to must be a positive int, got {pad_to!r}")
+        mult = math.lcm(mult, pad_to)
+    Hp, Ip = _round_up(H, mult), _round_up(inter, mult)
+    if (Hp, Ip) != (H, inter) and pad_to is None:
+        raise ValueError(
+            f"scheme {scheme.name} needs the hidden size H and intermediate size I to be "
+            f"multiples of {mult}; got H={H}, I={inter}. Pass pad_to= to zero-pad them."
+        )
+    w13 = _pad_dim(_pad_gate_up(w13, 1, inter, Ip, layout, gated), 2, Hp)
+    w2 = _pad_dim(_pad_dim(w2, 1, Hp), 2, Ip)
+    if w13_bias is not None:
+        w13_bias = _pad_gate_up(w13_bias, 1, inter, Ip, layout, gated)
+    if w2_bias is not None:
+        w2_bias = _pad_dim(w2_bias, 1, Hp)
+    return QuantizedExperts(
+        _quantize_weight(scheme, w13),
+        _quantize_weight(scheme, w2),
+        scheme,
+        hidden_size=hidden_size or H,
+        intermediate_size=intermediate_size or inter,
+        layout=layout,
+        w13_bias=w13_bias,
+        w2_bias=w2_bias,
+        a13_scale=a13_scale,
+        a2_scale=a2_scale,
+    )
+
+
+def act_order_g_idx(w: torch.Tensor, group_size: int) -> torch.Tensor:
+    """A GPTQ-style act-order ``g_idx`` without calibration data: columns are
+    ranked by descending L2 norm (a stand-in for the Hessian diagonal GPTQ
+    uses) and consecutive ranks share a group. Returns int32 ``[..., K]``."""
+    order = torch.argsort(w.float().norm(dim=-2), dim=-1, descending=True, stable=True)
+    rank = torch.argsort(order, dim=-1, stable=True)
+    return (rank // group_size).to(torch.int32)
+
+
+def _quantize_weight(scheme: Scheme, w: torch.Tensor) -> Weight:
+    spec = scheme.weight
+    if spec.fmt is None:
+        return w.to(spec.float_dtype)
+    options = {}
+    if spec.rounding is not None:
+        options["rounding"] = spec.rounding
+    if spec.fmt is Format.INT4:
+        options["mode"] = formats.int4.Int4Mode.ASYMMETRIC if spec.zero_point is ZeroPoint.ASYMMETRIC else formats.int4.Int4Mode.SYMMETRIC
+        if spec.act_order is ActOrder.GROUP:
+            options["g_idx"] = act_order_g_idx(w, spec.granularity.size)
+    return formats.quantize(w, spec.fmt, spec.granularity, **options)
+
+
+def _validate_quantized(scheme: Scheme, w13: Weight, w2: Weight):
+    spec = scheme.weight
+    for name, w in (("w13", w13), ("w2", w2)):
+        if spec.fmt is None:
+            if isinstance(w, QuantizedTensor):
+                raise TypeError(f"{name}: scheme {scheme.name} is unquantized; pass a float tensor")
+            continue
+        if not isinstance(w, QuantizedTensor):
+            raise TypeError(
+                f"{name} must be a QuantizedTensor of {spec.fmt.value} when the other weight is "
+                f"already quantized, got {type(w).__name__}"
+            )
+        if w.fmt is not spec.fmt:
+            raise ValueError(f"{name} has format {w.fmt.value}, scheme {scheme.name} needs {spec.fmt.value}")
+        if w.granularity != spec.granularity:
+            raise ValueError(
+                f"{name} has granularity {w.granularity!r}, scheme {scheme.name} needs {spec.granularity!r}"
+            )
+        if (w.zero_point is not None) != (spec.zero_point is ZeroPoint.ASYMMETRIC):
+            raise ValueError(
+                f"{name}.zero_point must be {'given' if spec.zero_point is ZeroPoint.ASYMMETRIC else 'None'} "
+                f"for scheme {scheme.name}"
+            )
+        if spec.act_order is ActOrder.GROUP and w.g_idx is None:
+            raise ValueError(f"{name}.g_idx is required for act-order scheme {scheme.name}")
+        validate(w, name)
+    return w13, w2
+
+
+def _check_static_scales(scheme: Scheme, a13_scale, a2_scale):
+    if not scheme.static_activation:
+        for name, s in (("a13_scale", a13_scale), ("a2_scale", a2_scale)):
+            if s is not None:
+                raise ValueError(f"{name} is only for static-activation schemes; {scheme.name} is not one")
+        return None, None
+    out = []
+    for name, s in (("a13_scale", a13_scale), ("a2_scale", a2_scale)):
+        if s is None:
+            raise ValueError(
+                f"scheme {scheme.name} quantizes activations with static scales: pass {name}= "
+                f"(torch_moe_quant.calibrate_activation_scales computes both from sample inputs)"
+            )
+        s = torch.as_tensor(s, dtype=torch.float32)
+        if s.numel() != 1:
+            raise ValueError(f"{name} must hold one per-tensor scale, got shape {tuple(s.shape)}")
+        if values_available(s) and not (torch.isfinite(s).all() and (s > 0).all()):
+            raise ValueError(f"{name} must be finite and positive, got {s.item()}")
+        out.append(s.reshape(1, 1))
+    return tuple(out)

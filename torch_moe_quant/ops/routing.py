@@ -1,0 +1,121 @@
+"""``moe_quant::route`` and ``moe_quant::align``.
+
+``route``: router logits -> ``(topk_weights fp32 [M, k], topk_ids int32 [M, k])``
+for every ``RoutingMethod`` (see ``torch_moe_quant.routing``).
+
+``align``: sort the ``M * k`` (token, slot) pairs by local expert into blocks
+of ``block_size`` rows, the layout a grouped-GEMM kernel walks. Outputs are
+worst-case sized (``fake_impls.align_shapes``); entries past ``num_padded``
+are the sentinel ``M * k`` (pairs) or ``-1`` (blocks). Pairs whose expert is
+not on this rank (``expert_map[id] == -1``) are dropped. Within an expert,
+pairs keep ascending pair order (deterministic).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from ..fake_impls.shapes import align_shapes, route_shapes
+from ..formats.core import check_tensor, values_available
+from ..routing import RoutingMethod, _as_method, _check_route_args, route
+
+ROUTE_SCHEMA = (
+    "(Tensor router_logits, int top_k, str method, Tensor? correction_bias=None, "
+    "int? num_groups=None, int? topk_groups=None, float routed_scaling_factor=1.0) "
+    "-> (Tensor, Tensor)"
+)
+
+
+def _route_ref(router_logits, top_k, method, correction_bias, num_groups, topk_groups, routed_scaling_factor):
+    return route(
+        router_logits, top_k, method, correction_bias=correction_bias,
+        num_groups=num_groups, topk_groups=topk_groups,
+        routed_scaling_factor=routed_scaling_factor,
+    )
+
+
+route_op = torch.library.custom_op(
+    "moe_quant::route", _route_ref, mutates_args=(), device_types="cpu", schema=ROUTE_SCHEMA
+)
+route_op.register_kernel("cuda")(_route_ref)
+
+
+@route_op.register_fake
+def _route_fake(router_logits, top_k, method, correction_bias, num_groups, topk_groups, routed_scaling_factor):
+    _as_method(method)
+    _check_route_args(router_logits, top_k)
+    (ws, wd), (ids_s, ids_d) = route_shapes(router_logits.shape[0], top_k)
+    return router_logits.new_empty(ws, dtype=wd), router_logits.new_empty(ids_s, dtype=ids_d)
+
+
+ALIGN_SCHEMA = (
+    "(Tensor topk_ids, int num_experts, int block_size, Tensor? expert_map=None) "
+    "-> (Tensor sorted_ids, Tensor block_expert_ids, Tensor num_padded)"
+)
+
+
+def _check_align(topk_ids, num_experts, block_size, expert_map):
+    check_tensor("topk_ids", topk_ids, dtype=(torch.int32, torch.int64))
+    if topk_ids.dim() != 2:
+        raise ValueError(f"topk_ids must be 2-D [num_tokens, top_k], got {tuple(topk_ids.shape)}")
+    if num_experts < 1:
+        raise ValueError(f"num_experts must be >= 1, got {num_experts}")
+    if block_size < 1:
+        raise ValueError(f"block_size must be >= 1, got {block_size}")
+    if expert_map is not None:
+        check_tensor("expert_map", expert_map, dtype=(torch.int32, torch.int64))
+        if expert_map.dim() != 1:
+            raise ValueError(f"expert_map must be 1-D, got {tuple(expert_map.shape)}")
+    if values_available(topk_ids, expert_map) and topk_ids.numel():
+        bound = num_experts if expert_map is None else expert_map.shape[0]
+        lo, hi = int(topk_ids.min()), int(topk_ids.max())
+        if lo < 0 or hi >= bound:
+            raise ValueError(f"topk_ids must be in [0, {bound}), found ids in [{lo}, {hi}]")
+        if expert_map is not None and expert_map.numel():
+            if int(expert_map.min()) < -1 or int(expert_map.max()) >= num_experts:
+                raise ValueError(
+                    f"expert_map values must be -1 or a local expert in [0, {num_experts})"
+                )
+
+
+def align_reference(
+    topk_ids: torch.Tensor, num_experts: int, block_size: int, expert_map: Optional[torch.Tensor] = None
+):
+    """Plain-torch ``align`` (see module docstring)."""
+    _check_align(topk_ids, num_experts, block_size, expert_map)
+    shapes = align_shapes(topk_ids.numel(), num_experts, block_size)
+    pairs = topk_ids.numel()
+    sorted_ids = torch.full(shapes["sorted_ids"][0], pairs, dtype=torch.int32, device=topk_ids.device)
+    block_ids = torch.full(shapes["block_expert_ids"][0], -1, dtype=torch.int32, device=topk_ids.device)
+    local = topk_ids.reshape(-1).long()
+    if expert_map is not None:
+        local = expert_map.long()[local]
+    pos = 0
+    for e in range(num_experts):
+        idx = (local == e).nonzero().reshape(-1)
+        n = idx.numel()
+        if n == 0:
+            continue
+        sorted_ids[pos : pos + n] = idx.to(torch.int32)
+        blocks = -(-n // block_size)
+        block_ids[pos // block_size : pos // block_size + blocks] = e
+        pos += blocks * block_size
+    return sorted_ids, block_ids, torch.tensor([pos], dtype=torch.int32, device=topk_ids.device)
+
+
+align_op = torch.library.custom_op(
+    "moe_quant::align", align_reference, mutates_args=(), device_types="cpu", schema=ALIGN_SCHEMA
+)
+align_op.register_kernel("cuda")(align_reference)
+
+
+@align_op.register_fake
+def _align_fake(topk_ids, num_experts, block_size, expert_map=None):
+    _check_align(topk_ids, num_experts, block_size, expert_map)
+    shapes = align_shapes(topk_ids.numel(), num_experts, block_size)
+    return tuple(topk_ids.new_empty(s, dtype=d) for s, d in shapes.values())
+
+
+__all__ = ["RoutingMethod", "align_op", "align_reference", "route_op"]

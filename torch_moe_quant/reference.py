@@ -1,0 +1,269 @@
+"""The reference MoE forward: plain PyTorch, readable before fast.
+
+This is the ground truth every kernel and lowering is compared against:
+
+1. dequantize both expert weights to fp32;
+2. per expert, gather its tokens; quantize-dequantize them exactly as the
+   scheme's kernel will (``ActivationSpec``); ``x @ w13.T (+ bias)`` in fp32;
+3. activation (``activations.apply_activation``); quantize-dequantize again
+   for the second GEMM; ``@ w2.T (+ bias)`` in fp32;
+4. multiply by the routing weight (after the experts, or before them with
+   ``apply_router_weight_on_input``) and sum over the k chosen experts;
+5. cast to ``hidden_states.dtype``.
+
+Activation quantization of the first GEMM's input is per token and so does
+not depend on the expert; dynamic per-token quantization of the second GEMM's
+input is per (token, expert) row.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional, Tuple, Union
+
+import torch
+
+from . import formats
+from .activations import Activation, apply_activation, as_activation
+from .experts import QuantizedExperts
+from .formats.core import Format, QuantizedTensor, check_tensor, values_available
+from .schemes import ActivationSpec, ActQuant
+
+QDQ = Callable[[torch.Tensor], torch.Tensor]
+
+
+def dequantize_weight(w, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """A weight of a ``QuantizedExperts`` as a plain ``dtype`` tensor."""
+    if isinstance(w, QuantizedTensor):
+        return formats.dequantize(w, dtype)
+    return w.to(dtype)
+
+
+def activation_qdq(spec: Optional[ActivationSpec], static_scale: Optional[torch.Tensor]) -> QDQ:
+    """The fake-quantization a kernel applies to a GEMM input (fp32 in/out)."""
+    if spec is None:
+        return lambda x: x
+    options = {}
+    if spec.rounding is not None:
+        options["rounding"] = spec.rounding
+    if spec.mode is ActQuant.STATIC:
+        key = "global_scale" if spec.fmt is Format.NVFP4 else "scale"
+        options[key] = static_scale
+    # quantization math in fp32 even for fp64 inputs (gradcheck), result in x.dtype
+    return lambda x: formats.fake_quantize(
+        x.float(), spec.fmt, spec.granularity, dtype=x.dtype, **options
+    )
+
+
+def check_routing(
+    topk_weights: torch.Tensor,
+    topk_ids: torch.Tensor,
+    num_tokens: int,
+    num_experts: int,
+    expert_map: Optional[torch.Tensor],
+    local_experts: int,
+) -> None:
+    """Validate routing tensors; errors name the argument."""
+    check_tensor("topk_ids", topk_ids, dtype=(torch.int32, torch.int64))
+    check_tensor("topk_weights", topk_weights, dtype=(torch.float32, torch.float16, torch.bfloat16))
+    if topk_ids.dim() != 2 or topk_ids.shape[0] != num_tokens:
+        raise ValueError(
+            f"topk_ids must have shape [num_tokens={num_tokens}, top_k], got {tuple(topk_ids.shape)}"
+        )
+    if tuple(topk_weights.shape) != tuple(topk_ids.shape):
+        raise ValueError(
+            f"topk_weights must have the shape of topk_ids {tuple(topk_ids.shape)}, "
+            f"got {tuple(topk_weights.shape)}"
+        )
+    if topk_ids.shape[1] > num_experts:
+        raise ValueError(f"top_k={topk_ids.shape[1]} is larger than the number of experts {num_experts}")
+    if expert_map is not None:
+        check_tensor("expert_map", expert_map, dtype=(torch.int32, torch.int64))
+        if expert_map.dim() != 1:
+            raise ValueError(f"expert_map must be 1-D [num_global_experts], got {tuple(expert_map.shape)}")
+    if not values_available(topk_ids, expert_map) or topk_ids.numel() == 0:
+        return
+    lo, hi = int(topk_ids.min()), int(topk_ids.max())
+    if lo < 0 or hi >= num_experts:
+        raise ValueError(f"topk_ids must be in [0, {num_experts}), found ids in [{lo}, {hi}]")
+    if expert_map is not None:
+        mlo, mhi = int(expert_map.min()), int(expert_map.max())
+        if mlo < -1 or mhi >= local_experts:
+            raise ValueError(
+                f"expert_map values must be -1 (not on this rank) or a local expert in "
+                f"[0, {local_experts}), found values in [{mlo}, {mhi}]"
+            )
+
+
+def fused_moe(
+    hidden_states: torch.Tensor,
+    experts: QuantizedExperts,
+    topk_weights: torch.Tensor,
+    topk_ids: torch.Tensor,
+    *,
+    activation: Union[Activation, str] = Activation.SILU,
+    expert_map: Optional[torch.Tensor] = None,
+    apply_router_weight_on_input: bool = False,
+) -> torch.Tensor:
+    """Reference MoE forward (see module docstring).
+
+    Args:
+        hidden_states: ``[M, H]`` bf16/fp16/fp32 (or fp64, computed in fp64).
+        experts: a ``QuantizedExperts`` (``quantize_experts``).
+        topk_weights: ``[M, k]`` routing weights.
+        topk_ids: ``[M, k]`` int32/int64 expert ids: global ids when
+            ``expert_map`` is given, else in ``[0, E)``.
+        activation: an ``Activation`` or its name.
+        expert_map: int ``[E_global]``: global id -> local expert, ``-1`` =
+            not on this rank (contributes zero).
+        apply_router_weight_on_input: scale each token by its routing weight
+            before the experts instead of after (Llama-4, top_k = 1).
+
+    Returns:
+        ``[M, H]`` in ``hidden_states.dtype``.
+    """
+    x, act = check_inputs(hidden_states, experts, activation)
+    cdt = x.dtype
+    M = x.shape[0]
+    E = experts.num_experts
+    num_global = E if expert_map is None else expert_map.shape[0]
+    check_routing(topk_weights, topk_ids, M, num_global, expert_map, E)
+    if apply_router_weight_on_input and topk_ids.shape[1] != 1:
+        raise ValueError(
+            f"apply_router_weight_on_input needs top_k == 1, got top_k={topk_ids.shape[1]}"
+        )
+    out = moe_forward(
+        x,
+        dequantize_weight(experts.w13, cdt),
+        dequantize_weight(experts.w2, cdt),
+        experts,
+        topk_weights.to(cdt),
+        topk_ids.long(),
+        act,
+        expert_map,
+        apply_router_weight_on_input,
+        activation_qdq(experts.scheme.activation, experts.a13_scale),
+        activation_qdq(experts.scheme.activation, experts.a2_scale),
+    )
+    return out[:, : experts.hidden_size].to(hidden_states.dtype)
+
+
+def check_inputs(hidden_states, experts, activation) -> Tuple[torch.Tensor, Activation]:
+    if not isinstance(experts, QuantizedExperts):
+        raise TypeError(
+            f"experts must be a QuantizedExperts (torch_moe_quant.quantize_experts), "
+            f"got {type(experts).__name__}"
+        )
+    check_tensor(
+        "hidden_states", hidden_states,
+        dtype=(torch.float32, torch.bfloat16, torch.float16, torch.float64),
+    )
+    if hidden_states.dim() != 2 or hidden_states.shape[1] != experts.hidden_size:
+        raise ValueError(
+            f"hidden_states must have shape [num_tokens, {experts.hidden_size}], "
+            f"got {tuple(hidden_states.shape)}"
+        )
+    act = as_activation(activation)
+    if act.is_gated != experts.is_gated:
+        kind = "gated" if act.is_gated else "non-gated"
+        rows = "2I" if act.is_gated else "I"
+        raise ValueError(
+            f"activation={act.value} is {kind} and needs w13 with {rows} rows; these experts have "
+            f"w13 rows={experts.w13.shape[1]}, I={experts.padded_intermediate_size}"
+        )
+    # fp32 math; float64 inputs (gradcheck) keep float64
+    x = hidden_states.to(torch.promote_types(hidden_states.dtype, torch.float32))
+    pad = experts.padded_hidden_size - experts.hidden_size
+    if pad:
+        x = torch.nn.functional.pad(x, (0, pad))
+    return x, act
+
+
+def moe_forward(
+    x: torch.Tensor,
+    w13: torch.Tensor,
+    w2: torch.Tensor,
+    experts: QuantizedExperts,
+    topk_weights: torch.Tensor,
+    topk_ids: torch.Tensor,
+    act: Activation,
+    expert_map: Optional[torch.Tensor],
+    apply_router_weight_on_input: bool,
+    qdq13: QDQ,
+    qdq2: QDQ,
+) -> torch.Tensor:
+    """The expert loop on fp32 tensors (inputs already validated/padded)."""
+    out = torch.zeros_like(x)
+    if apply_router_weight_on_input:
+        x = x * topk_weights[:, :1]
+    xq = qdq13(x) if x.shape[0] else x
+    b13, b2 = experts.w13_bias, experts.w2_bias
+    for g in topk_ids.unique().tolist():
+        e = g if expert_map is None else int(expert_map[g])
+        if e < 0:
+            continue
+        tok, slot = (topk_ids == g).nonzero(as_tuple=True)
+        if tok.numel() == 0:
+            continue
+        h = xq[tok] @ w13[e].T
+        if b13 is not None:
+            h = h + b13[e].to(h.dtype)
+        a = qdq2(apply_activation(h, act, experts.layout))
+        y = a @ w2[e].T
+        if b2 is not None:
+            y = y + b2[e].to(y.dtype)
+        if not apply_router_weight_on_input:
+            y = y * topk_weights[tok, slot, None]
+        out.index_add_(0, tok, y)
+    return out
+
+
+def calibrate_activation_scales(
+    hidden_states: torch.Tensor,
+    w13: torch.Tensor,
+    w2: torch.Tensor,
+    scheme,
+    topk_weights: torch.Tensor,
+    topk_ids: torch.Tensor,
+    *,
+    activation: Union[Activation, str] = Activation.SILU,
+    w13_bias: Optional[torch.Tensor] = None,
+    w2_bias: Optional[torch.Tensor] = None,
+    layout="gate_up",
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Static activation scales ``(a13_scale, a2_scale)`` for ``scheme`` from
+    sample inputs: run the float layer, record each GEMM's input, and take
+    the per-tensor scale the activation format computes for it (fp8/int8:
+    amax-based scale; nvfp4: global scale). Returns ``[1, 1]`` fp32 tensors."""
+    from .experts import quantize_experts
+    from .schemes import get_scheme
+
+    scheme = get_scheme(scheme)
+    spec = scheme.activation
+    if spec is None or spec.mode is not ActQuant.STATIC:
+        raise ValueError(f"scheme {scheme.name} has no static activation scales to calibrate")
+    dense = quantize_experts(
+        w13.float(), w2.float(), "bf16", w13_bias=w13_bias, w2_bias=w2_bias, layout=layout
+    )
+    seen = ([], [])
+
+    def record(i):
+        def qdq(t):
+            seen[i].append(t)
+            return t
+
+        return qdq
+
+    x, act = check_inputs(hidden_states, dense, activation)
+    moe_forward(
+        x, w13.float(), w2.float(), dense, topk_weights.float(), topk_ids.long(), act,
+        None, False, record(0), record(1),
+    )
+
+    def per_tensor_scale(rows):
+        t = torch.cat(rows) if rows else torch.zeros(1, 1)
+        t = t.reshape(-1, t.shape[-1])
+        if spec.fmt is Format.NVFP4:
+            return formats.quantize(t, spec.fmt).global_scale.reshape(1, 1)
+        return formats.quantize(t, spec.fmt, "tensor").scale.reshape(1, 1)
+
+    return per_tensor_scale(seen[0]), per_tensor_scale(seen[1])

@@ -1,0 +1,171 @@
+"""Top-k routing: router logits -> (topk_weights fp32 [M, k], topk_ids int32 [M, k]).
+
+Every method computes in fp32 whatever the logits' dtype (real model code
+casts router logits to fp32 before softmax; we do the same, always).
+
+Tie-breaking (deterministic, documented): among equal scores the **lower
+expert index wins**, and the k selected experts are ordered by descending
+score, ties by ascending index. ``torch.topk`` does not promise this, so the
+reference selects with a stable descending sort.
+
+NaN policy: a NaN router logit (or correction bias) raises ``ValueError`` in
+eager mode; under ``torch.compile`` and on fake tensors the check is skipped
+(it would need the values), and NaN scores sort as the largest values, as in ``torch.sort``.
+"""
+
+from __future__ import annotations
+
+import enum
+from typing import Optional, Tuple, Union
+
+import torch
+
+from .formats.core import values_available
+
+
+class RoutingMethod(str, enum.Enum):
+    """Routing methods (string values are stable public names)."""
+
+    SOFTMAX_TOPK = "softmax_topk"  # softmax over all experts, keep the top k (OLMoE, Qwen2-MoE)
+    TOPK_SOFTMAX = "topk_softmax"  # top-k logits, softmax over those k (Mixtral)
+    SOFTMAX_TOPK_RENORMALIZE = "softmax_topk_renormalize"  # ... then / sum (Qwen3-MoE)
+    SIGMOID_TOPK = "sigmoid_topk"  # sigmoid scores, keep the top k
+    DEEPSEEK_V3 = "deepseek_v3"  # sigmoid + bias, grouped top-k, renormalize, scale
+    LLAMA4 = "llama4"  # top-k of logits, sigmoid of the selected logits
+    TOPK = "topk"  # plain top-k, weights are the logits themselves
+
+
+def _as_method(method) -> RoutingMethod:
+    try:
+        return RoutingMethod(method)
+    except ValueError:
+        raise ValueError(
+            f"method must be one of {[m.value for m in RoutingMethod]}, got {method!r}"
+        ) from None
+
+
+def stable_topk(scores: torch.Tensor, k: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Top-k along the last dim; ties resolved toward the lower index."""
+    values, idx = torch.sort(scores, dim=-1, descending=True, stable=True)
+    return values[..., :k], idx[..., :k]
+
+
+def _check_route_args(router_logits, top_k, num_experts_hint=None):
+    if not isinstance(router_logits, torch.Tensor):
+        raise TypeError(f"router_logits must be a torch.Tensor, got {type(router_logits).__name__}")
+    if not router_logits.is_floating_point():
+        raise TypeError(f"router_logits must be a float tensor, got {router_logits.dtype}")
+    if router_logits.dim() != 2:
+        raise ValueError(
+            f"router_logits must be 2-D [num_tokens, num_experts], got shape {tuple(router_logits.shape)}"
+        )
+    E = router_logits.shape[1]
+    if not isinstance(top_k, int) or isinstance(top_k, bool) or not 1 <= top_k <= E:
+        raise ValueError(f"top_k must be an int in [1, num_experts={E}], got {top_k!r}")
+    if values_available(router_logits) and torch.isnan(router_logits).any():
+        raise ValueError("router_logits contains NaN")
+
+
+def route(
+    router_logits: torch.Tensor,
+    top_k: int,
+    method: Union[RoutingMethod, str] = RoutingMethod.SOFTMAX_TOPK,
+    *,
+    correction_bias: Optional[torch.Tensor] = None,
+    num_groups: Optional[int] = None,
+    topk_groups: Optional[int] = None,
+    routed_scaling_factor: float = 1.0,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Select ``top_k`` experts per token.
+
+    Args:
+        router_logits: ``[M, E]`` float logits.
+        top_k: experts per token, ``1 <= top_k <= E``.
+        method: a ``RoutingMethod`` or its string value.
+        correction_bias, num_groups, topk_groups: DeepSeek-V3 only
+            (``e_score_correction_bias [E]``, ``n_group``, ``topk_group``);
+            the bias only affects *which* experts are chosen, not their weights.
+        routed_scaling_factor: multiplies the final weights (DeepSeek-V3).
+
+    Returns:
+        ``(topk_weights float32 [M, k], topk_ids int32 [M, k])``.
+    """
+    method = _as_method(method)
+    _check_route_args(router_logits, top_k)
+    if method is not RoutingMethod.DEEPSEEK_V3 and (
+        correction_bias is not None or num_groups is not None or topk_groups is not None
+    ):
+        raise ValueError(
+            "correction_bias, num_groups and topk_groups apply only to method='deepseek_v3'"
+        )
+    logits = router_logits.float()
+    if method is RoutingMethod.SOFTMAX_TOPK:
+        weights, ids = stable_topk(logits.softmax(dim=-1), top_k)
+    elif method is RoutingMethod.TOPK_SOFTMAX:
+        values, ids = stable_topk(logits, top_k)
+        weights = values.softmax(dim=-1)
+    elif method is RoutingMethod.SOFTMAX_TOPK_RENORMALIZE:
+        weights, ids = stable_topk(logits.softmax(dim=-1), top_k)
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+    elif method is RoutingMethod.SIGMOID_TOPK:
+        weights, ids = stable_topk(logits.sigmoid(), top_k)
+    elif method is RoutingMethod.LLAMA4:
+        values, ids = stable_topk(logits, top_k)
+        weights = values.sigmoid()
+    elif method is RoutingMethod.TOPK:
+        weights, ids = stable_topk(logits, top_k)
+    else:
+        weights, ids = _deepseek_v3(
+            logits, top_k, correction_bias, num_groups, topk_groups
+        )
+    if routed_scaling_factor != 1.0:
+        weights = weights * routed_scaling_factor
+    return weights.float(), ids.to(torch.int32)
+
+
+def _deepseek_v3(logits, top_k, correction_bias, num_groups, topk_groups):
+    """DeepSeek-V3 ``noaux_tc`` routing.
+
+    scores = sigmoid(logits); choice = scores + correction_bias; each of
+    ``num_groups`` groups is scored by the sum of its two best ``choice``
+    values; the best ``topk_groups`` groups stay eligible; the top k of
+    ``choice`` among eligible experts are chosen; their weights are the
+    unbiased ``scores``, renormalized to sum to 1.
+    """
+    M, E = logits.shape
+    num_groups = 1 if num_groups is None else num_groups
+    topk_groups = num_groups if topk_groups is None else topk_groups
+    if not isinstance(num_groups, int) or num_groups < 1 or E % num_groups:
+        raise ValueError(
+            f"num_groups must be a positive int dividing num_experts={E}, got {num_groups!r}"
+        )
+    if not isinstance(topk_groups, int) or not 1 <= topk_groups <= num_groups:
+        raise ValueError(f"topk_groups must be an int in [1, num_groups={num_groups}], got {topk_groups!r}")
+    per_group = E // num_groups
+    if top_k > topk_groups * per_group:
+        raise ValueError(
+            f"top_k={top_k} exceeds the experts in the kept groups "
+            f"(topk_groups={topk_groups} x {per_group} experts per group)"
+        )
+    scores = logits.sigmoid()
+    choice = scores
+    if correction_bias is not None:
+        if not isinstance(correction_bias, torch.Tensor) or correction_bias.shape != (E,):
+            raise ValueError(
+                f"correction_bias must be a tensor of shape ({E},), got "
+                f"{getattr(correction_bias, 'shape', type(correction_bias).__name__)}"
+            )
+        if values_available(correction_bias) and torch.isnan(correction_bias).any():
+            raise ValueError("correction_bias contains NaN")
+        choice = scores + correction_bias.float()
+    if num_groups > 1:
+        grouped = choice.view(M, num_groups, per_group)
+        group_score = stable_topk(grouped, min(2, per_group))[0].sum(dim=-1)
+        _, keep = stable_topk(group_score, topk_groups)
+        group_mask = torch.zeros_like(group_score, dtype=torch.bool).scatter_(1, keep, True)
+        expert_mask = group_mask.repeat_interleave(per_group, dim=1)
+        choice = choice.masked_fill(~expert_mask, float("-inf"))
+    _, ids = stable_topk(choice, top_k)
+    weights = scores.gather(1, ids)
+    weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+    return weights, ids
