@@ -64,7 +64,10 @@ def check_routing(
 ) -> None:
     """Validate routing tensors; errors name the argument."""
     check_tensor("topk_ids", topk_ids, dtype=(torch.int32, torch.int64))
-    check_tensor("topk_weights", topk_weights, dtype=(torch.float32, torch.float16, torch.bfloat16))
+    check_tensor(
+        "topk_weights", topk_weights,
+        dtype=(torch.float32, torch.float16, torch.bfloat16, torch.float64),
+    )
     if topk_ids.dim() != 2 or topk_ids.shape[0] != num_tokens:
         raise ValueError(
             f"topk_ids must have shape [num_tokens={num_tokens}, top_k], got {tuple(topk_ids.shape)}"

@@ -120,7 +120,7 @@ def route(
         )
     if routed_scaling_factor != 1.0:
         weights = weights * routed_scaling_factor
-    return weights.float(), ids.to(torch.int32)
+    return weights.float().contiguous(), ids.to(torch.int32).contiguous()
 
 
 def _deepseek_v3(logits, top_k, correction_bias, num_groups, topk_groups):
@@ -169,3 +169,34 @@ def _deepseek_v3(logits, top_k, correction_bias, num_groups, topk_groups):
     weights = scores.gather(1, ids)
     weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
     return weights, ids
+
+
+def weights_for_ids(
+    router_logits: torch.Tensor,
+    topk_ids: torch.Tensor,
+    method: Union[RoutingMethod, str],
+    routed_scaling_factor: float = 1.0,
+) -> torch.Tensor:
+    """The routing weights ``route`` returns, as a differentiable function of
+    the logits once the chosen ``topk_ids`` are fixed (selection itself has no
+    gradient). Used for the backward of ``moe_quant::route``."""
+    method = _as_method(method)
+    logits = router_logits.float()
+    ids = topk_ids.long()
+    if method is RoutingMethod.SOFTMAX_TOPK:
+        w = logits.softmax(-1).gather(1, ids)
+    elif method is RoutingMethod.TOPK_SOFTMAX:
+        w = logits.gather(1, ids).softmax(-1)
+    elif method is RoutingMethod.SOFTMAX_TOPK_RENORMALIZE:
+        w = logits.softmax(-1).gather(1, ids)
+        w = w / w.sum(-1, keepdim=True)
+    elif method is RoutingMethod.SIGMOID_TOPK:
+        w = logits.sigmoid().gather(1, ids)
+    elif method is RoutingMethod.LLAMA4:
+        w = logits.gather(1, ids).sigmoid()
+    elif method is RoutingMethod.TOPK:
+        w = logits.gather(1, ids)
+    else:
+        w = logits.sigmoid().gather(1, ids)
+        w = w / (w.sum(-1, keepdim=True) + 1e-20)
+    return w * routed_scaling_factor if routed_scaling_factor != 1.0 else w

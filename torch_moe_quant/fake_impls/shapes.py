@@ -57,4 +57,6 @@ def dequantize_shape(fmt: Format, data_shape: Sequence[int]) -> Shape:
 
     num, den = TRAITS[fmt].pack_ratio
     *lead, cols = data_shape
-    return tuple(lead) + (cols * den // num,)
+    # packed cols are a multiple of num; dividing first keeps the symbolic
+    # expression simple (4*floor(s/3), not floor(4*s/3), which sympy trips on)
+    return tuple(lead) + (cols // num * den,)

@@ -10,12 +10,19 @@ exponent bits; never ``torch.log2`` in float32, which rounds ``2**k - ulp``
 up to ``k`` for some ``k``, and never a cast to ``torch.float8_e8m0fnu``,
 which rounds up: 3.0 -> 4.0):
 
-* ``FLOOR`` (OCP): ``floor(log2(amax)) - emax_elem``.
+* ``FLOOR`` (OCP, torchao ``FLOOR``): ``floor(log2(amax)) - emax_elem``.
+  (Quark's ``floor`` mode uses float32 ``torch.log2`` and doubles the scale
+  for e.g. ``amax = 2**-20 - ulp``; measured.)
 * ``EVEN`` (AMD Quark default, torchao ``EVEN``): ``amax`` is first rounded to
   the element's mantissa width (half to even; only the carry into the next
-  power of two matters), then as ``FLOOR``.
+  power of two matters), then as ``FLOOR``. (A float32 amax that rounds up
+  to ``2**128`` gives ``128 - emax_elem`` like torchao; Quark overflows to
+  inf and clamps to 127.)
 * ``RCEIL`` (NVIDIA ``cvt.rp.satfinite.ue8m0``, torchao ``RCEIL``):
-  ``ceil(log2(amax / max_elem))`` with the division rounded in float32.
+  ``ceil(log2(amax / max_elem))`` with the division rounded in float32 and the
+  ceiling exact. (torchao takes ``torch.log2``, which rounds ``2**k + ulp``
+  to ``k`` for some ``k``, 4 and -10 among them, and so picks one binade too
+  low there; measured.)
 
 Then ``e`` is clamped to ``[-127, 127]``. Special blocks:
 
@@ -33,6 +40,9 @@ Elements are scaled by ``2**-e`` exactly (a power of two built from bits), so
 ``x * 2**-e`` equals ``x / 2**e``; byte 0 really scales by ``2**127``
 (torchao 0.18 divides by ``2**-126`` there for ``FLOOR``/``EVEN`` and does not
 scale at all for ``RCEIL``).
+
+The second half of the module is the quantize/dequantize skeleton and the
+argument checks that the three MX format modules share.
 """
 
 from __future__ import annotations

@@ -25,6 +25,7 @@ values that are exact in float32.
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Tuple
 
 import torch
@@ -86,7 +87,7 @@ class ElementFormat:
         mag = code & (self.sign_bit - 1)
         sign = -1.0 if code & self.sign_bit else 1.0
         if mag > self.max_code:
-            return float("nan")
+            return math.copysign(math.nan, sign)
         exp_field, mant = mag >> self.mbits, mag & ((1 << self.mbits) - 1)
         if exp_field == 0:
             return sign * mant * self.min_subnormal

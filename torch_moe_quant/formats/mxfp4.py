@@ -10,7 +10,8 @@ Layout of a quantized ``[..., rows, cols]`` tensor:
 
 Quantize: shared exponent ``e`` by ``rounding`` (``FLOOR`` default, ``EVEN``,
 ``RCEIL``); elements ``x * 2**-e`` round to nearest even and saturate to
-``±6``; negative values that round to zero keep the sign (code 8).
+``±6``; negative values that round to zero keep the sign (code 8; torchao
+agrees, AMD Quark 0.13 stores +0, measured).
 Dequantize: ``value(code) * 2**(scale - 127)`` in float32, cast to ``dtype``.
 
 NaN / inf policy:

@@ -116,16 +116,14 @@ def _make_fake(sig: ExpertsSignature):
 def _make_backward_reference(sig: ExpertsSignature):
     def backward(grad_out, *args):
         call = _parse(sig, args)
-        x, w = call.x, call.topk_weights
-        with torch.enable_grad():
-            xr = x.detach().requires_grad_()
-            wr = w.detach().to(x.dtype).requires_grad_()
-            out = _forward(dataclasses.replace(call, x=xr, topk_weights=wr), _straight_through)
-            gx, gw = torch.autograd.grad(
-                out, (xr, wr), grad_out.to(out.dtype), allow_unused=True
-            )
-        gx = torch.zeros_like(xr) if gx is None else gx
-        gw = torch.zeros_like(wr) if gw is None else gw
+
+        def f(x, w):
+            return _forward(dataclasses.replace(call, x=x, topk_weights=w), _straight_through)
+
+        # torch.func.vjp, not torch.autograd: autograd does not record inside
+        # a custom op's kernel (it runs below the Autograd dispatch key).
+        out, vjp = torch.func.vjp(f, call.x, call.topk_weights.to(call.x.dtype))
+        gx, gw = vjp(grad_out.to(out.dtype))
         H = args[0].shape[1]
         return gx[:, :H].to(args[0].dtype), gw.to(args[1].dtype)
 

@@ -69,17 +69,12 @@ class QuantOpSpec:
         return ("data", "scale", "global_scale") if TRAITS[self.fmt].has_global_scale else ("data", "scale")
 
 
-def _scaled(with_group: bool):
-    def parse(granularity="token", *rest):
-        if with_group:
-            group_size, scale = rest
-            g = _granularity(granularity, group_size)
-        else:
-            (scale,) = rest
-            g = _granularity(granularity)
-        return g, ({} if scale is None else {"scale": scale})
+def _fp8(granularity="token", group_size=128, scale=None):
+    return _granularity(granularity, group_size), ({} if scale is None else {"scale": scale})
 
-    return parse
+
+def _int8(granularity="token", scale=None):
+    return _granularity(granularity), ({} if scale is None else {"scale": scale})
 
 
 def _mx(rounding="floor"):
@@ -95,12 +90,12 @@ SPECS = (
     QuantOpSpec(
         Format.FP8_E4M3,
         '(Tensor x, str granularity="token", int group_size=128, Tensor? scale=None) -> (Tensor, Tensor)',
-        _scaled(True),
+        _fp8,
     ),
     QuantOpSpec(
         Format.INT8,
         '(Tensor x, str granularity="token", Tensor? scale=None) -> (Tensor, Tensor)',
-        _scaled(False),
+        _int8,
     ),
     QuantOpSpec(Format.MXFP4, _MX_SCHEMA, _mx),
     QuantOpSpec(Format.MXFP6_E2M3, _MX_SCHEMA, _mx),
@@ -121,15 +116,20 @@ def _check_x(x: torch.Tensor) -> None:
 
 
 def _make_quantize(spec: QuantOpSpec):
-    def quantize(x, *args):
+    def quantize(x, *args, **kwargs):
         _check_x(x)
-        g, options = spec.parse(*args)
+        g, options = spec.parse(*args, **kwargs)
         q = formats.quantize(x, spec.fmt, g, **options)
-        return tuple(getattr(q, f) for f in spec.outputs)
+        out = tuple(getattr(q, f) for f in spec.outputs)
+        # a static scale comes back (maybe as a view) as an output scale, and
+        # op outputs may not alias inputs: copy the small scale tensors then
+        if options.get("scale", options.get("global_scale")) is not None:
+            out = out[:1] + tuple(t.clone() for t in out[1:])
+        return out
 
-    def fake(x, *args):
+    def fake(x, *args, **kwargs):
         _check_x(x)
-        g, _ = spec.parse(*args)
+        g, _ = spec.parse(*args, **kwargs)
         formats.layout.check_supported(spec.fmt, g, x.shape[-1], "x")
         fields = quantize_shapes(spec.fmt, x.shape, g)
         return tuple(x.new_empty(fields[f].shape, dtype=fields[f].dtypes[0]) for f in spec.outputs)
@@ -158,8 +158,9 @@ def _infer_granularity(fmt: Format, shape, scale: torch.Tensor):
 def _make_dequantize(spec: QuantOpSpec):
     n = len(spec.outputs)
 
-    def build(args) -> Tuple[QuantizedTensor, torch.dtype]:
-        tensors, dtype = args[:n], args[n]
+    def build(args, kwargs) -> Tuple[QuantizedTensor, torch.dtype]:
+        tensors = args[:n]
+        dtype = args[n] if len(args) > n else kwargs.get("dtype", torch.float32)
         fields = dict(zip(spec.outputs, tensors))
         check_tensor("data", fields["data"])
         check_tensor("scale", fields["scale"])
@@ -171,12 +172,12 @@ def _make_dequantize(spec: QuantOpSpec):
         formats.layout.validate(q, "dequantize")
         return q, dtype
 
-    def dequantize(*args):
-        q, dtype = build(args)
+    def dequantize(*args, **kwargs):
+        q, dtype = build(args, kwargs)
         return formats.dequantize(q, dtype)
 
-    def fake(*args):
-        q, dtype = build(args)
+    def fake(*args, **kwargs):
+        q, dtype = build(args, kwargs)
         return q.data.new_empty(q.shape, dtype=dtype)
 
     tensor_args = ", ".join(f"Tensor {f}" for f in spec.outputs)

@@ -19,7 +19,7 @@ import torch
 
 from ..fake_impls.shapes import align_shapes, route_shapes
 from ..formats.core import check_tensor, values_available
-from ..routing import RoutingMethod, _as_method, _check_route_args, route
+from ..routing import RoutingMethod, _as_method, _check_route_args, route, weights_for_ids
 
 ROUTE_SCHEMA = (
     "(Tensor router_logits, int top_k, str method, Tensor? correction_bias=None, "
@@ -28,7 +28,10 @@ ROUTE_SCHEMA = (
 )
 
 
-def _route_ref(router_logits, top_k, method, correction_bias, num_groups, topk_groups, routed_scaling_factor):
+def _route_ref(
+    router_logits, top_k, method, correction_bias=None, num_groups=None, topk_groups=None,
+    routed_scaling_factor=1.0,
+):
     return route(
         router_logits, top_k, method, correction_bias=correction_bias,
         num_groups=num_groups, topk_groups=topk_groups,
@@ -43,11 +46,53 @@ route_op.register_kernel("cuda")(_route_ref)
 
 
 @route_op.register_fake
-def _route_fake(router_logits, top_k, method, correction_bias, num_groups, topk_groups, routed_scaling_factor):
+def _route_fake(
+    router_logits, top_k, method, correction_bias=None, num_groups=None, topk_groups=None,
+    routed_scaling_factor=1.0,
+):
     _as_method(method)
     _check_route_args(router_logits, top_k)
     (ws, wd), (ids_s, ids_d) = route_shapes(router_logits.shape[0], top_k)
     return router_logits.new_empty(ws, dtype=wd), router_logits.new_empty(ids_s, dtype=ids_d)
+
+
+def _route_backward_ref(grad_weights, router_logits, topk_ids, method, routed_scaling_factor):
+    def f(logits):
+        return weights_for_ids(logits, topk_ids, method, routed_scaling_factor)
+
+    _, vjp = torch.func.vjp(f, router_logits.float())
+    return vjp(grad_weights.float())[0].to(router_logits.dtype)
+
+
+route_backward_op = torch.library.custom_op(
+    "moe_quant::route_backward",
+    _route_backward_ref,
+    mutates_args=(),
+    schema="(Tensor grad_weights, Tensor router_logits, Tensor topk_ids, str method, "
+    "float routed_scaling_factor) -> Tensor",
+)
+
+
+@route_backward_op.register_fake
+def _route_backward_fake(grad_weights, router_logits, topk_ids, method, routed_scaling_factor):
+    return torch.empty_like(router_logits)
+
+
+def _route_setup_context(ctx, inputs, output):
+    router_logits, _, method, _, _, _, scaling = inputs
+    ctx.save_for_backward(router_logits, output[1])
+    ctx.method, ctx.scaling = method, scaling
+
+
+def _route_backward(ctx, grad_weights, grad_ids):
+    router_logits, topk_ids = ctx.saved_tensors
+    grad = route_backward_op(grad_weights, router_logits, topk_ids, ctx.method, ctx.scaling)
+    return grad, None, None, None, None, None, None
+
+
+# Gradients flow to the router logits through the weights (ids are discrete;
+# a DeepSeek-V3 correction bias only steers the choice and gets none).
+route_op.register_autograd(_route_backward, setup_context=_route_setup_context)
 
 
 ALIGN_SCHEMA = (

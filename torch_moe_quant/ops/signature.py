@@ -135,11 +135,14 @@ class ExpertsSignature:
             return tensors[0]
         fields: Dict[str, torch.Tensor] = dict(zip(self.weight_fields, tensors))
         check_tensor(name, fields["data"])
-        shape = dequantize_shape(spec.fmt, fields["data"].shape)
+        # Weight sizes are specialized (int() guards them to their values):
+        # they are fixed per model, and symbolic packed sizes like mxfp6's
+        # 4*floor(s/3) trip sympy in torch 2.13's shape guards.
+        shape = tuple(int(d) for d in dequantize_shape(spec.fmt, fields["data"].shape))
         return QuantizedTensor(
             fmt=spec.fmt,
             granularity=spec.granularity,
-            shape=tuple(shape),
+            shape=shape,
             rounding=spec.rounding,
             **fields,
         )
