@@ -18,15 +18,12 @@ def layer_weights(seed: int = 0, E=E, H=H, I=I):
 
 
 def make_experts(name: str, seed: int = 0, **kwargs) -> tmq.QuantizedExperts:
-    """Experts of scheme ``name``; static schemes get fixed scales."""
+    """Experts of scheme ``name``; static schemes are calibrated on sample inputs."""
     w13, w2 = layer_weights(seed)
     if tmq.get_scheme(name).static_activation:
-        fmt = tmq.get_scheme(name).activation.fmt
-        if fmt is tmq.Format.NVFP4:  # global scale = 448 * 6 / amax
-            kwargs.update(a13_scale=torch.tensor(448 * 6 / 4.0), a2_scale=torch.tensor(448 * 6 / 2.0))
-        else:  # amax / qmax
-            qmax = 448.0 if fmt is tmq.Format.FP8_E4M3 else 127.0
-            kwargs.update(a13_scale=torch.tensor(4.0 / qmax), a2_scale=torch.tensor(2.0 / qmax))
+        w, ids = routing(64, seed=10)
+        a13, a2 = tmq.calibrate_activation_scales(inputs(64, seed=11), w13, w2, name, w, ids)
+        kwargs.update(a13_scale=a13, a2_scale=a2)
     return tmq.quantize_experts(w13, w2, name, **kwargs)
 
 
