@@ -264,7 +264,7 @@ def _quantize_weight(scheme: Scheme, w: torch.Tensor) -> Weight:
     if spec.rounding is not None:
         options["rounding"] = spec.rounding
     if spec.fmt is Format.INT4:
-        options["mode"] = formats.int4.Int4Mode.ASYMMETRIC if spec.zero_point is ZeroPoint.ASYMMETRIC else formats.int4.Int4Mode.SYMMETRIC
+        options["mode"] = formats.Int4Mode.ASYMMETRIC if spec.zero_point is ZeroPoint.ASYMMETRIC else formats.Int4Mode.SYMMETRIC
         if spec.act_order is ActOrder.GROUP:
             options["g_idx"] = act_order_g_idx(w, spec.granularity.size)
     return formats.quantize(w, spec.fmt, spec.granularity, **options)

@@ -68,6 +68,17 @@ class WeightSpec:
     #: storage dtype of unquantized weights (``fmt=None``); bf16 otherwise unused
     float_dtype: torch.dtype = torch.bfloat16
 
+    def __str__(self) -> str:
+        if self.fmt is None:
+            return str(self.float_dtype).replace("torch.", "")
+        extra = [
+            self.zero_point.value if self.zero_point is not ZeroPoint.NONE else "",
+            "act-order" if self.act_order is not ActOrder.NONE else "",
+            self.packing.value if self.packing else "",
+            self.rounding.value if self.rounding else "",
+        ]
+        return f"{self.fmt.value} {self.granularity}" + "".join(f", {t}" for t in extra if t)
+
     @property
     def bits(self) -> int:
         return {
@@ -88,6 +99,10 @@ class ActivationSpec:
     granularity: Granularity
     mode: ActQuant = ActQuant.DYNAMIC
     rounding: Optional[ScaleRounding] = None
+
+    def __str__(self) -> str:
+        rnd = f", {self.rounding.value}" if self.rounding else ""
+        return f"{self.fmt.value} {self.mode.value} {self.granularity}{rnd}"
 
 
 @dataclasses.dataclass(frozen=True)

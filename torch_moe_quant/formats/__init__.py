@@ -18,6 +18,7 @@ import torch
 
 from . import fp8, int4, int8, mxfp4, mxfp6, mxfp8, nvfp4
 from .core import (
+    Arithmetic,
     Format,
     Granularity,
     Int4Packing,
@@ -62,7 +63,8 @@ def quantize(
     ``granularity`` defaults to the format's ``DEFAULT_GRANULARITY``;
     ``options`` are the format module's keyword arguments (for example
     ``rounding=`` for MX formats, ``scale=`` for a static fp8/int8 scale,
-    ``zero_point=True`` for asymmetric int4, ``global_scale=`` for nvfp4).
+    ``mode=Int4Mode.ASYMMETRIC`` for int4 with zero points, ``arithmetic=`` for
+    fp8/int8/int4 (``Arithmetic.INPUT_DTYPE`` = compressed-tensors' bf16 math), ``global_scale=`` for nvfp4).
     """
     mod = _module(fmt)
     g = mod.DEFAULT_GRANULARITY if granularity is None else as_granularity(granularity)
@@ -94,8 +96,12 @@ def fake_quantize(
     return dequantize(quantize(x, fmt, granularity, **options), dtype or x.dtype)
 
 
+from .int4 import Int4Mode
+
 __all__ = [
+    "Arithmetic",
     "Format",
+    "Int4Mode",
     "Granularity",
     "Int4Packing",
     "PerBlock",

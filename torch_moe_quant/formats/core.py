@@ -81,6 +81,9 @@ class Arithmetic(str, enum.Enum):
 class PerTensor:
     """One scale per ``[rows, cols]`` matrix."""
 
+    def __str__(self) -> str:
+        return "per-tensor"
+
     def scale_shape(self, rows: int, cols: int) -> Tuple[int, int]:
         return (1, 1)
 
@@ -91,6 +94,9 @@ class PerTensor:
 @dataclasses.dataclass(frozen=True)
 class PerRow:
     """One scale per row: a weight's output channel or an activation's token."""
+
+    def __str__(self) -> str:
+        return "per-row"
 
     def scale_shape(self, rows: int, cols: int) -> Tuple[int, int]:
         return (rows, 1)
@@ -104,6 +110,9 @@ class PerGroup:
     """One scale per ``size`` consecutive elements along cols (K)."""
 
     size: int
+
+    def __str__(self) -> str:
+        return f"group {self.size}"
 
     def __post_init__(self) -> None:
         if self.size <= 0:
@@ -122,6 +131,9 @@ class PerBlock:
 
     rows: int = 128
     cols: int = 128
+
+    def __str__(self) -> str:
+        return f"block {self.rows}x{self.cols}"
 
     def scale_shape(self, rows: int, cols: int) -> Tuple[int, int]:
         return (-(-rows // self.rows), -(-cols // self.cols))

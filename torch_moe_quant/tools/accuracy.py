@@ -71,12 +71,8 @@ def markdown_table(layer: Optional[RandomLayer] = None) -> str:
         "|---|---|---|---|---|",
     ]
     for name, s in SCHEMES.items():
-        w = s.weight
-        wdesc = "bf16" if w.fmt is None and name == "bf16" else (
-            "fp16" if w.fmt is None else f"{w.fmt.value} {w.granularity}")
-        a = s.activation
-        adesc = "—" if a is None else f"{a.fmt.value} {a.mode.value} {a.granularity}"
-        rows.append(f"| `{name}` | {wdesc} | {adesc} | {w.bits} | {scheme_sqnr(s, layer):.1f} |")
+        act = s.activation or "—"
+        rows.append(f"| `{name}` | {s.weight} | {act} | {s.weight.bits} | {scheme_sqnr(s, layer):.1f} |")
     return "\n".join(rows)
 
 
