@@ -66,6 +66,25 @@ def test_opcheck_expert_op(name):
 
 
 @pytest.mark.parametrize("name", SCHEMES)
+def test_opcheck_backward_op(name):
+    # backward ops are not themselves differentiable (no double backward)
+    _, args = _op_args(name, requires_grad=False)
+    grad_out = torch.randn(args[0].shape, dtype=args[0].dtype)
+    op = getattr(torch.ops.moe_quant, f"experts_{name}_backward").default
+    opcheck_any(op, (grad_out, *args))
+    gx, gw = op(grad_out, *args)
+    assert gx.shape == args[0].shape and gw.shape == args[1].shape
+
+
+def test_opcheck_route_backward():
+    logits = torch.randn(6, 8)
+    _, ids = tmq.route(logits, 2, "softmax_topk")
+    torch.library.opcheck(
+        torch.ops.moe_quant.route_backward.default, (torch.randn(6, 2), logits, ids, "softmax_topk", 1.0)
+    )
+
+
+@pytest.mark.parametrize("name", SCHEMES)
 def test_op_equals_reference(name):
     experts, _ = _op_args(name)
     x = inputs(7)

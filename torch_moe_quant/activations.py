@@ -91,3 +91,59 @@ def apply_activation(
         return (up + 1) * (gate * torch.sigmoid(SWIGLUOAI_ALPHA * gate))
     # SWIGLUSTEP
     return F.silu(gate).clamp(max=SWIGLU_LIMIT) * up.clamp(-SWIGLU_LIMIT, SWIGLU_LIMIT)
+
+
+def _dsilu(x: torch.Tensor) -> torch.Tensor:
+    s = torch.sigmoid(x)
+    return s * (1 + x * (1 - s))
+
+
+def _dgelu(x: torch.Tensor) -> torch.Tensor:
+    cdf = 0.5 * (1 + torch.erf(x * 0.7071067811865476))
+    pdf = torch.exp(-0.5 * x * x) * 0.3989422804014327
+    return cdf + x * pdf
+
+
+def _dgelu_tanh(x: torch.Tensor) -> torch.Tensor:
+    k, c = 0.7978845608028654, 0.044715
+    t = torch.tanh(k * (x + c * x**3))
+    return 0.5 * (1 + t) + 0.5 * x * (1 - t * t) * k * (1 + 3 * c * x * x)
+
+
+def _merge_gate_up(g_gate: torch.Tensor, g_up: torch.Tensor, layout: GateUpLayout) -> torch.Tensor:
+    """Inverse of ``split_gate_up`` for gradients."""
+    if layout is GateUpLayout.INTERLEAVED:
+        return torch.stack((g_gate, g_up), dim=-1).flatten(-2)
+    pair = (g_gate, g_up) if layout is GateUpLayout.GATE_UP else (g_up, g_gate)
+    return torch.cat(pair, dim=-1)
+
+
+def activation_vjp(
+    h: torch.Tensor, grad: torch.Tensor, activation: Activation, layout: GateUpLayout = GateUpLayout.GATE_UP
+) -> torch.Tensor:
+    """Gradient w.r.t. ``h`` of ``apply_activation(h)`` times ``grad``
+    (analytic; clamps pass gradient where ``torch.clamp`` does: inside or on
+    the bound)."""
+    if not activation.is_gated:
+        if activation is Activation.RELU2:
+            return grad * 2 * F.relu(h)
+        d = _dsilu(h) if activation is Activation.SILU_NO_MUL else _dgelu(h)
+        return grad * d
+    gate, up = split_gate_up(h, layout)
+    L = SWIGLU_LIMIT
+    if activation is Activation.SILU:
+        d_gate, d_up = up * _dsilu(gate), F.silu(gate)
+    elif activation is Activation.GELU:
+        d_gate, d_up = up * _dgelu(gate), F.gelu(gate)
+    elif activation is Activation.GELU_TANH:
+        d_gate, d_up = up * _dgelu_tanh(gate), F.gelu(gate, approximate="tanh")
+    elif activation is Activation.SWIGLUOAI:
+        gc, uc = gate.clamp(max=L), up.clamp(-L, L)
+        s = torch.sigmoid(SWIGLUOAI_ALPHA * gc)
+        d_gate = (uc + 1) * (s + SWIGLUOAI_ALPHA * gc * s * (1 - s)) * (gate <= L)
+        d_up = gc * s * ((up >= -L) & (up <= L))
+    else:  # SWIGLUSTEP
+        sg = F.silu(gate)
+        d_gate = _dsilu(gate) * (sg <= L) * up.clamp(-L, L)
+        d_up = sg.clamp(max=L) * ((up >= -L) & (up <= L))
+    return _merge_gate_up(grad * d_gate, grad * d_up, layout)

@@ -23,7 +23,7 @@ from typing import Callable, Optional, Tuple, Union
 import torch
 
 from . import formats
-from .activations import Activation, apply_activation, as_activation
+from .activations import Activation, activation_vjp, apply_activation, as_activation
 from .experts import QuantizedExperts
 from .formats.core import Format, QuantizedTensor, check_tensor, values_available
 from .schemes import ActivationSpec, ActQuant
@@ -219,6 +219,57 @@ def moe_forward(
             y = y * topk_weights[tok, slot, None]
         out.index_add_(0, tok, y)
     return out
+
+
+def moe_backward(
+    grad_out: torch.Tensor,
+    x: torch.Tensor,
+    w13: torch.Tensor,
+    w2: torch.Tensor,
+    experts: QuantizedExperts,
+    topk_weights: torch.Tensor,
+    topk_ids: torch.Tensor,
+    act: Activation,
+    expert_map: Optional[torch.Tensor],
+    apply_router_weight_on_input: bool,
+    qdq13: QDQ,
+    qdq2: QDQ,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Gradients of ``moe_forward`` w.r.t. ``x`` and ``topk_weights``
+    (weights frozen). Activation quantize-dequantize is differentiated as the
+    identity (straight-through estimator); the forward values it feeds are
+    the quantized ones, as in the forward."""
+    grad_x = torch.zeros_like(x)
+    grad_w = torch.zeros_like(topk_weights)
+    xin = x * topk_weights[:, :1] if apply_router_weight_on_input else x
+    xq = qdq13(xin) if x.shape[0] else xin
+    grad_xq = torch.zeros_like(x)
+    b13, b2 = experts.w13_bias, experts.w2_bias
+    for g in topk_ids.unique().tolist():
+        e = g if expert_map is None else int(expert_map[g])
+        if e < 0:
+            continue
+        tok, slot = (topk_ids == g).nonzero(as_tuple=True)
+        if tok.numel() == 0:
+            continue
+        h = xq[tok] @ w13[e].T
+        if b13 is not None:
+            h = h + b13[e].to(h.dtype)
+        gy = grad_out[tok]
+        if not apply_router_weight_on_input:
+            y = qdq2(apply_activation(h, act, experts.layout)) @ w2[e].T
+            if b2 is not None:
+                y = y + b2[e].to(y.dtype)
+            grad_w[tok, slot] += (gy * y).sum(-1)
+            gy = gy * topk_weights[tok, slot, None]
+        grad_h = activation_vjp(h, gy @ w2[e], act, experts.layout)
+        grad_xq.index_add_(0, tok, grad_h @ w13[e])
+    if apply_router_weight_on_input:
+        grad_x = grad_xq * topk_weights[:, :1]
+        grad_w[:, 0] = (grad_xq * x).sum(-1)
+    else:
+        grad_x = grad_xq
+    return grad_x, grad_w
 
 
 def calibrate_activation_scales(

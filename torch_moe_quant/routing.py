@@ -179,7 +179,7 @@ def weights_for_ids(
 ) -> torch.Tensor:
     """The routing weights ``route`` returns, as a differentiable function of
     the logits once the chosen ``topk_ids`` are fixed (selection itself has no
-    gradient). Used for the backward of ``moe_quant::route``."""
+    gradient): the autograd reference the analytic ``route_vjp`` is tested against."""
     method = _as_method(method)
     logits = router_logits.float()
     ids = topk_ids.long()
@@ -200,3 +200,37 @@ def weights_for_ids(
         w = logits.sigmoid().gather(1, ids)
         w = w / (w.sum(-1, keepdim=True) + 1e-20)
     return w * routed_scaling_factor if routed_scaling_factor != 1.0 else w
+
+
+def route_vjp(
+    grad_weights: torch.Tensor,
+    router_logits: torch.Tensor,
+    topk_ids: torch.Tensor,
+    method: Union[RoutingMethod, str],
+    routed_scaling_factor: float = 1.0,
+) -> torch.Tensor:
+    """Analytic gradient w.r.t. the logits of ``weights_for_ids`` (fp32)."""
+    method = _as_method(method)
+    logits = router_logits.float()
+    ids = topk_ids.long()
+    g = grad_weights.float() * routed_scaling_factor
+    grad = torch.zeros_like(logits)
+    if method in (RoutingMethod.SOFTMAX_TOPK, RoutingMethod.SOFTMAX_TOPK_RENORMALIZE):
+        p = logits.softmax(-1)
+        p_ids = p.gather(1, ids)
+        if method is RoutingMethod.SOFTMAX_TOPK_RENORMALIZE:
+            total = p_ids.sum(-1, keepdim=True)
+            g = (g - (g * p_ids).sum(-1, keepdim=True) / total) / total
+        gp = g * p_ids  # d/dl_j of p_k = p_k (delta_jk - p_j)
+        return grad.scatter_add_(1, ids, gp) - p * gp.sum(-1, keepdim=True)
+    if method is RoutingMethod.TOPK_SOFTMAX:
+        q = logits.gather(1, ids).softmax(-1)
+        return grad.scatter_add_(1, ids, q * (g - (g * q).sum(-1, keepdim=True)))
+    if method is RoutingMethod.TOPK:
+        return grad.scatter_add_(1, ids, g)
+    s = logits.gather(1, ids).sigmoid()
+    if method is RoutingMethod.DEEPSEEK_V3:
+        total = s.sum(-1, keepdim=True) + 1e-20
+        g = (g - (g * s).sum(-1, keepdim=True) / total) / total
+    # SIGMOID_TOPK, LLAMA4, DEEPSEEK_V3: sigmoid of the selected logits
+    return grad.scatter_add_(1, ids, g * s * (1 - s))

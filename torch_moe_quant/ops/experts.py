@@ -9,15 +9,16 @@ Each op has
   dtype validation as the real kernels, so bad arguments fail at trace time
   with the eager message;
 * autograd w.r.t. ``hidden_states`` and ``topk_weights`` (weights are frozen):
-  the backward is its own opaque op ``experts_<scheme>_backward``. Activation
-  quantize-dequantize is treated as identity in the backward
-  (straight-through estimator), the usual rule for QAT/fine-tuning.
+  the backward is its own opaque op ``experts_<scheme>_backward`` running
+  ``reference.moe_backward`` (analytic). Activation quantize-dequantize is
+  treated as identity in the backward (straight-through estimator), the usual
+  rule for QAT/fine-tuning.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, Dict, Optional
+from typing import Dict, Optional
 
 import torch
 
@@ -29,6 +30,7 @@ from ..reference import (
     check_inputs,
     check_routing,
     dequantize_weight,
+    moe_backward,
     moe_forward,
 )
 from ..schemes import SCHEMES, Scheme
@@ -74,7 +76,7 @@ def _parse(sig: ExpertsSignature, args) -> ExpertsCall:
     return ExpertsCall(x, experts, topk_weights, topk_ids, act, expert_map, on_input)
 
 
-def _forward(call: ExpertsCall, qdq_wrap: Callable = lambda f: f) -> torch.Tensor:
+def _forward(call: ExpertsCall) -> torch.Tensor:
     cdt = call.x.dtype
     e = call.experts
     return moe_forward(
@@ -87,13 +89,9 @@ def _forward(call: ExpertsCall, qdq_wrap: Callable = lambda f: f) -> torch.Tenso
         call.activation,
         call.expert_map,
         call.on_input,
-        qdq_wrap(activation_qdq(e.scheme.activation, e.a13_scale)),
-        qdq_wrap(activation_qdq(e.scheme.activation, e.a2_scale)),
+        activation_qdq(e.scheme.activation, e.a13_scale),
+        activation_qdq(e.scheme.activation, e.a2_scale),
     )[:, : e.hidden_size]
-
-
-def _straight_through(qdq):
-    return lambda t: t + (qdq(t) - t).detach()
 
 
 def _make_reference(sig: ExpertsSignature):
@@ -116,15 +114,24 @@ def _make_fake(sig: ExpertsSignature):
 def _make_backward_reference(sig: ExpertsSignature):
     def backward(grad_out, *args):
         call = _parse(sig, args)
-
-        def f(x, w):
-            return _forward(dataclasses.replace(call, x=x, topk_weights=w), _straight_through)
-
-        # torch.func.vjp, not torch.autograd: autograd does not record inside
-        # a custom op's kernel (it runs below the Autograd dispatch key).
-        out, vjp = torch.func.vjp(f, call.x, call.topk_weights.to(call.x.dtype))
-        gx, gw = vjp(grad_out.to(out.dtype))
+        e = call.experts
+        cdt = call.x.dtype
         H = args[0].shape[1]
+        grad = torch.nn.functional.pad(grad_out.to(cdt), (0, call.x.shape[1] - H))
+        gx, gw = moe_backward(
+            grad,
+            call.x,
+            dequantize_weight(e.w13, cdt),
+            dequantize_weight(e.w2, cdt),
+            e,
+            call.topk_weights.to(cdt),
+            call.topk_ids.long(),
+            call.activation,
+            call.expert_map,
+            call.on_input,
+            activation_qdq(e.scheme.activation, e.a13_scale),
+            activation_qdq(e.scheme.activation, e.a2_scale),
+        )
         return gx[:, :H].to(args[0].dtype), gw.to(args[1].dtype)
 
     return backward

@@ -19,7 +19,7 @@ import torch
 
 from ..fake_impls.shapes import align_shapes, route_shapes
 from ..formats.core import check_tensor, values_available
-from ..routing import RoutingMethod, _as_method, _check_route_args, route, weights_for_ids
+from ..routing import RoutingMethod, _as_method, _check_route_args, route, route_vjp
 
 ROUTE_SCHEMA = (
     "(Tensor router_logits, int top_k, str method, Tensor? correction_bias=None, "
@@ -57,11 +57,9 @@ def _route_fake(
 
 
 def _route_backward_ref(grad_weights, router_logits, topk_ids, method, routed_scaling_factor):
-    def f(logits):
-        return weights_for_ids(logits, topk_ids, method, routed_scaling_factor)
-
-    _, vjp = torch.func.vjp(f, router_logits.float())
-    return vjp(grad_weights.float())[0].to(router_logits.dtype)
+    return route_vjp(grad_weights, router_logits, topk_ids, method, routed_scaling_factor).to(
+        router_logits.dtype
+    )
 
 
 route_backward_op = torch.library.custom_op(
