@@ -3,7 +3,7 @@ fake/meta shapes and trace-time errors."""
 
 import pytest
 import torch
-from moe_cases import E, H, K, inputs, make_experts, routing
+from moe_cases import E, H, inputs, make_experts, routing
 
 import torch_moe_quant as tmq
 from torch_moe_quant import reference

@@ -6,7 +6,7 @@ import torch.nn.functional as F
 
 import torch_moe_quant as tmq
 from torch_moe_quant.reference import fused_moe
-from torch_moe_quant import Activation, GateUpLayout
+
 
 
 def rel_err(a, b):

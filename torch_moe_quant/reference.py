@@ -18,6 +18,7 @@ input is per (token, expert) row.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Callable, Optional, Tuple, Union
 
 import torch
@@ -98,59 +99,6 @@ def check_routing(
             )
 
 
-def fused_moe(
-    hidden_states: torch.Tensor,
-    experts: QuantizedExperts,
-    topk_weights: torch.Tensor,
-    topk_ids: torch.Tensor,
-    *,
-    activation: Union[Activation, str] = Activation.SILU,
-    expert_map: Optional[torch.Tensor] = None,
-    apply_router_weight_on_input: bool = False,
-) -> torch.Tensor:
-    """Reference MoE forward (see module docstring).
-
-    Args:
-        hidden_states: ``[M, H]`` bf16/fp16/fp32 (or fp64, computed in fp64).
-        experts: a ``QuantizedExperts`` (``quantize_experts``).
-        topk_weights: ``[M, k]`` routing weights.
-        topk_ids: ``[M, k]`` int32/int64 expert ids: global ids when
-            ``expert_map`` is given, else in ``[0, E)``.
-        activation: an ``Activation`` or its name.
-        expert_map: int ``[E_global]``: global id -> local expert, ``-1`` =
-            not on this rank (contributes zero).
-        apply_router_weight_on_input: scale each token by its routing weight
-            before the experts instead of after (Llama-4, top_k = 1).
-
-    Returns:
-        ``[M, H]`` in ``hidden_states.dtype``.
-    """
-    x, act = check_inputs(hidden_states, experts, activation)
-    cdt = x.dtype
-    M = x.shape[0]
-    E = experts.num_experts
-    num_global = E if expert_map is None else expert_map.shape[0]
-    check_routing(topk_weights, topk_ids, M, num_global, expert_map, E)
-    if apply_router_weight_on_input and topk_ids.shape[1] != 1:
-        raise ValueError(
-            f"apply_router_weight_on_input needs top_k == 1, got top_k={topk_ids.shape[1]}"
-        )
-    out = moe_forward(
-        x,
-        dequantize_weight(experts.w13, cdt),
-        dequantize_weight(experts.w2, cdt),
-        experts,
-        topk_weights.to(cdt),
-        topk_ids.long(),
-        act,
-        expert_map,
-        apply_router_weight_on_input,
-        activation_qdq(experts.scheme.activation, experts.a13_scale),
-        activation_qdq(experts.scheme.activation, experts.a2_scale),
-    )
-    return out[:, : experts.hidden_size].to(hidden_states.dtype)
-
-
 def check_inputs(hidden_states, experts, activation) -> Tuple[torch.Tensor, Activation]:
     if not isinstance(experts, QuantizedExperts):
         raise TypeError(
@@ -182,94 +130,161 @@ def check_inputs(hidden_states, experts, activation) -> Tuple[torch.Tensor, Acti
     return x, act
 
 
-def moe_forward(
-    x: torch.Tensor,
-    w13: torch.Tensor,
-    w2: torch.Tensor,
+def validate_call(
+    hidden_states, experts, topk_weights, topk_ids, activation, expert_map, apply_router_weight_on_input
+) -> Tuple[torch.Tensor, Activation]:
+    """Every check of a MoE call (shapes and dtypes always, values when they
+    can be read); returns the padded compute-dtype input and the activation.
+    Shared by the reference, the ops' kernels and their fake impls."""
+    x, act = check_inputs(hidden_states, experts, activation)
+    E = experts.num_experts
+    num_global = E if expert_map is None else expert_map.shape[0]
+    check_routing(topk_weights, topk_ids, x.shape[0], num_global, expert_map, E)
+    if apply_router_weight_on_input and topk_ids.shape[1] != 1:
+        raise ValueError(
+            f"apply_router_weight_on_input needs top_k == 1, got top_k={topk_ids.shape[1]}"
+        )
+    return x, act
+
+
+@dataclasses.dataclass(frozen=True)
+class MoEProblem:
+    """One reference MoE computation on validated tensors: ``x`` padded to the
+    experts' hidden size in the compute dtype (fp32, or fp64 for fp64 inputs),
+    weights dequantized to that dtype, and the activation QDQ of each GEMM."""
+
+    x: torch.Tensor
+    w13: torch.Tensor
+    w2: torch.Tensor
+    experts: QuantizedExperts
+    topk_weights: torch.Tensor
+    topk_ids: torch.Tensor
+    activation: Activation
+    expert_map: Optional[torch.Tensor]
+    on_input: bool
+    qdq13: QDQ
+    qdq2: QDQ
+
+    @classmethod
+    def build(
+        cls,
+        hidden_states: torch.Tensor,
+        experts: QuantizedExperts,
+        topk_weights: torch.Tensor,
+        topk_ids: torch.Tensor,
+        activation: Union[Activation, str],
+        expert_map: Optional[torch.Tensor],
+        apply_router_weight_on_input: bool,
+    ) -> "MoEProblem":
+        """Validate the call (``validate_call``) and prepare it."""
+        x, act = validate_call(
+            hidden_states, experts, topk_weights, topk_ids, activation, expert_map,
+            apply_router_weight_on_input,
+        )
+        spec = experts.scheme.activation
+        return cls(
+            x,
+            dequantize_weight(experts.w13, x.dtype),
+            dequantize_weight(experts.w2, x.dtype),
+            experts,
+            topk_weights.to(x.dtype),
+            topk_ids.long(),
+            act,
+            expert_map,
+            bool(apply_router_weight_on_input),
+            activation_qdq(spec, experts.a13_scale),
+            activation_qdq(spec, experts.a2_scale),
+        )
+
+    def _routed_input(self) -> torch.Tensor:
+        """The first GEMM's input for every token (scaled, then QDQ)."""
+        x = self.x * self.topk_weights[:, :1] if self.on_input else self.x
+        return self.qdq13(x) if x.shape[0] else x
+
+    def _experts(self):
+        """``(local expert, token rows, slots)`` of every expert with tokens."""
+        for g in self.topk_ids.unique().tolist():
+            e = g if self.expert_map is None else int(self.expert_map[g])
+            if e < 0:
+                continue
+            tok, slot = (self.topk_ids == g).nonzero(as_tuple=True)
+            yield e, tok, slot
+
+    def _gemm1(self, xq: torch.Tensor, e: int, tok: torch.Tensor) -> torch.Tensor:
+        h = xq[tok] @ self.w13[e].T
+        b13 = self.experts.w13_bias
+        return h if b13 is None else h + b13[e].to(h.dtype)
+
+    def _gemm2(self, h: torch.Tensor, e: int) -> torch.Tensor:
+        a = self.qdq2(apply_activation(h, self.activation, self.experts.layout))
+        y = a @ self.w2[e].T
+        b2 = self.experts.w2_bias
+        return y if b2 is None else y + b2[e].to(y.dtype)
+
+    def forward(self) -> torch.Tensor:
+        """``[M, padded H]`` output in the compute dtype."""
+        out = torch.zeros_like(self.x)
+        xq = self._routed_input()
+        for e, tok, slot in self._experts():
+            y = self._gemm2(self._gemm1(xq, e, tok), e)
+            if not self.on_input:
+                y = y * self.topk_weights[tok, slot, None]
+            out.index_add_(0, tok, y)
+        return out
+
+    def backward(self, grad_out: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Gradients w.r.t. ``x`` and ``topk_weights`` (weights frozen) for
+        ``grad_out`` ``[M, padded H]``. Activation QDQ is differentiated as the
+        identity (straight-through estimator)."""
+        grad_w = torch.zeros_like(self.topk_weights)
+        grad_xq = torch.zeros_like(self.x)
+        xq = self._routed_input()
+        for e, tok, slot in self._experts():
+            h = self._gemm1(xq, e, tok)
+            gy = grad_out[tok]
+            if not self.on_input:
+                grad_w[tok, slot] += (gy * self._gemm2(h, e)).sum(-1)
+                gy = gy * self.topk_weights[tok, slot, None]
+            grad_h = activation_vjp(h, gy @ self.w2[e], self.activation, self.experts.layout)
+            grad_xq.index_add_(0, tok, grad_h @ self.w13[e])
+        if not self.on_input:
+            return grad_xq, grad_w
+        grad_w[:, 0] = (grad_xq * self.x).sum(-1)
+        return grad_xq * self.topk_weights[:, :1], grad_w
+
+
+def fused_moe(
+    hidden_states: torch.Tensor,
     experts: QuantizedExperts,
     topk_weights: torch.Tensor,
     topk_ids: torch.Tensor,
-    act: Activation,
-    expert_map: Optional[torch.Tensor],
-    apply_router_weight_on_input: bool,
-    qdq13: QDQ,
-    qdq2: QDQ,
+    *,
+    activation: Union[Activation, str] = Activation.SILU,
+    expert_map: Optional[torch.Tensor] = None,
+    apply_router_weight_on_input: bool = False,
 ) -> torch.Tensor:
-    """The expert loop on fp32 tensors (inputs already validated/padded)."""
-    out = torch.zeros_like(x)
-    if apply_router_weight_on_input:
-        x = x * topk_weights[:, :1]
-    xq = qdq13(x) if x.shape[0] else x
-    b13, b2 = experts.w13_bias, experts.w2_bias
-    for g in topk_ids.unique().tolist():
-        e = g if expert_map is None else int(expert_map[g])
-        if e < 0:
-            continue
-        tok, slot = (topk_ids == g).nonzero(as_tuple=True)
-        if tok.numel() == 0:
-            continue
-        h = xq[tok] @ w13[e].T
-        if b13 is not None:
-            h = h + b13[e].to(h.dtype)
-        a = qdq2(apply_activation(h, act, experts.layout))
-        y = a @ w2[e].T
-        if b2 is not None:
-            y = y + b2[e].to(y.dtype)
-        if not apply_router_weight_on_input:
-            y = y * topk_weights[tok, slot, None]
-        out.index_add_(0, tok, y)
-    return out
+    """Reference MoE forward (see module docstring).
 
+    Args:
+        hidden_states: ``[M, H]`` bf16/fp16/fp32 (or fp64, computed in fp64).
+        experts: a ``QuantizedExperts`` (``quantize_experts``).
+        topk_weights: ``[M, k]`` routing weights.
+        topk_ids: ``[M, k]`` int32/int64 expert ids: global ids when
+            ``expert_map`` is given, else in ``[0, E)``.
+        activation: an ``Activation`` or its name.
+        expert_map: int ``[E_global]``: global id -> local expert, ``-1`` =
+            not on this rank (contributes zero).
+        apply_router_weight_on_input: scale each token by its routing weight
+            before the experts instead of after (Llama-4, top_k = 1).
 
-def moe_backward(
-    grad_out: torch.Tensor,
-    x: torch.Tensor,
-    w13: torch.Tensor,
-    w2: torch.Tensor,
-    experts: QuantizedExperts,
-    topk_weights: torch.Tensor,
-    topk_ids: torch.Tensor,
-    act: Activation,
-    expert_map: Optional[torch.Tensor],
-    apply_router_weight_on_input: bool,
-    qdq13: QDQ,
-    qdq2: QDQ,
-) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Gradients of ``moe_forward`` w.r.t. ``x`` and ``topk_weights``
-    (weights frozen). Activation quantize-dequantize is differentiated as the
-    identity (straight-through estimator); the forward values it feeds are
-    the quantized ones, as in the forward."""
-    grad_x = torch.zeros_like(x)
-    grad_w = torch.zeros_like(topk_weights)
-    xin = x * topk_weights[:, :1] if apply_router_weight_on_input else x
-    xq = qdq13(xin) if x.shape[0] else xin
-    grad_xq = torch.zeros_like(x)
-    b13, b2 = experts.w13_bias, experts.w2_bias
-    for g in topk_ids.unique().tolist():
-        e = g if expert_map is None else int(expert_map[g])
-        if e < 0:
-            continue
-        tok, slot = (topk_ids == g).nonzero(as_tuple=True)
-        if tok.numel() == 0:
-            continue
-        h = xq[tok] @ w13[e].T
-        if b13 is not None:
-            h = h + b13[e].to(h.dtype)
-        gy = grad_out[tok]
-        if not apply_router_weight_on_input:
-            y = qdq2(apply_activation(h, act, experts.layout)) @ w2[e].T
-            if b2 is not None:
-                y = y + b2[e].to(y.dtype)
-            grad_w[tok, slot] += (gy * y).sum(-1)
-            gy = gy * topk_weights[tok, slot, None]
-        grad_h = activation_vjp(h, gy @ w2[e], act, experts.layout)
-        grad_xq.index_add_(0, tok, grad_h @ w13[e])
-    if apply_router_weight_on_input:
-        grad_x = grad_xq * topk_weights[:, :1]
-        grad_w[:, 0] = (grad_xq * x).sum(-1)
-    else:
-        grad_x = grad_xq
-    return grad_x, grad_w
+    Returns:
+        ``[M, H]`` in ``hidden_states.dtype``.
+    """
+    problem = MoEProblem.build(
+        hidden_states, experts, topk_weights, topk_ids, activation, expert_map,
+        apply_router_weight_on_input,
+    )
+    return problem.forward()[:, : hidden_states.shape[1]].to(hidden_states.dtype)
 
 
 def calibrate_activation_scales(
@@ -308,11 +323,8 @@ def calibrate_activation_scales(
 
         return qdq
 
-    x, act = check_inputs(hidden_states, dense, activation)
-    moe_forward(
-        x, w13.float(), w2.float(), dense, topk_weights.float(), topk_ids.long(), act,
-        None, False, record(0), record(1),
-    )
+    problem = MoEProblem.build(hidden_states, dense, topk_weights, topk_ids, activation, None, False)
+    dataclasses.replace(problem, qdq13=record(0), qdq2=record(1)).forward()
 
     def per_tensor_scale(rows):
         t = torch.cat(rows) if rows else torch.zeros(1, 1)

@@ -10,51 +10,28 @@ Each op has
   with the eager message;
 * autograd w.r.t. ``hidden_states`` and ``topk_weights`` (weights are frozen):
   the backward is its own opaque op ``experts_<scheme>_backward`` running
-  ``reference.moe_backward`` (analytic). Activation quantize-dequantize is
+  ``reference.MoEProblem.backward`` (analytic). Activation quantize-dequantize is
   treated as identity in the backward (straight-through estimator), the usual
   rule for QAT/fine-tuning.
 """
 
 from __future__ import annotations
 
-import dataclasses
-from typing import Dict, Optional
+from typing import Dict
 
 import torch
 
-from ..activations import as_activation
 from ..fake_impls.shapes import experts_output_shape
 from ..formats.core import check_tensor
-from ..reference import (
-    activation_qdq,
-    check_inputs,
-    check_routing,
-    dequantize_weight,
-    moe_backward,
-    moe_forward,
-)
+from ..reference import MoEProblem, validate_call
 from ..schemes import SCHEMES, Scheme
 from .signature import ExpertsSignature
 
 NAMESPACE = "moe_quant"
 
 
-@dataclasses.dataclass(frozen=True)
-class ExpertsCall:
-    """Validated, unflattened arguments of one call."""
-
-    x: torch.Tensor  # padded, in the compute dtype
-    experts: object
-    topk_weights: torch.Tensor
-    topk_ids: torch.Tensor
-    activation: object
-    expert_map: Optional[torch.Tensor]
-    on_input: bool
-
-
-def _parse(sig: ExpertsSignature, args) -> ExpertsCall:
-    """Shape/dtype (and, on real tensors, value) validation shared by the
-    fake impl, the kernels and the backward."""
+def _unflatten(sig: ExpertsSignature, args):
+    """Split the op's arguments and rebuild the ``QuantizedExperts``."""
     hidden_states, topk_weights, topk_ids, *tensors = args[:-4]
     expert_map, activation, layout, on_input = args[-4:]
     check_tensor("hidden_states", hidden_states)
@@ -67,44 +44,20 @@ def _parse(sig: ExpertsSignature, args) -> ExpertsCall:
             f"hidden_states has {hidden_states.shape[1]} features but the experts' hidden size "
             f"is {experts.padded_hidden_size}"
         )
-    x, act = check_inputs(hidden_states, experts, activation)
-    E = experts.num_experts
-    num_global = E if expert_map is None else expert_map.shape[0]
-    check_routing(topk_weights, topk_ids, hidden_states.shape[0], num_global, expert_map, E)
-    if on_input and topk_ids.shape[1] != 1:
-        raise ValueError(f"apply_router_weight_on_input needs top_k == 1, got top_k={topk_ids.shape[1]}")
-    return ExpertsCall(x, experts, topk_weights, topk_ids, act, expert_map, on_input)
-
-
-def _forward(call: ExpertsCall) -> torch.Tensor:
-    cdt = call.x.dtype
-    e = call.experts
-    return moe_forward(
-        call.x,
-        dequantize_weight(e.w13, cdt),
-        dequantize_weight(e.w2, cdt),
-        e,
-        call.topk_weights.to(cdt),
-        call.topk_ids.long(),
-        call.activation,
-        call.expert_map,
-        call.on_input,
-        activation_qdq(e.scheme.activation, e.a13_scale),
-        activation_qdq(e.scheme.activation, e.a2_scale),
-    )[:, : e.hidden_size]
+    return hidden_states, experts, topk_weights, topk_ids, activation, expert_map, on_input
 
 
 def _make_reference(sig: ExpertsSignature):
     def reference(*args):
-        call = _parse(sig, args)
-        return _forward(call).to(args[0].dtype)
+        problem = MoEProblem.build(*_unflatten(sig, args))
+        return problem.forward()[:, : args[0].shape[1]].to(args[0].dtype)
 
     return reference
 
 
 def _make_fake(sig: ExpertsSignature):
     def fake(*args):
-        _parse(sig, args)
+        validate_call(*_unflatten(sig, args))
         shape, dtype = experts_output_shape(args[0])
         return args[0].new_empty(shape, dtype=dtype)
 
@@ -113,25 +66,10 @@ def _make_fake(sig: ExpertsSignature):
 
 def _make_backward_reference(sig: ExpertsSignature):
     def backward(grad_out, *args):
-        call = _parse(sig, args)
-        e = call.experts
-        cdt = call.x.dtype
+        problem = MoEProblem.build(*_unflatten(sig, args))
         H = args[0].shape[1]
-        grad = torch.nn.functional.pad(grad_out.to(cdt), (0, call.x.shape[1] - H))
-        gx, gw = moe_backward(
-            grad,
-            call.x,
-            dequantize_weight(e.w13, cdt),
-            dequantize_weight(e.w2, cdt),
-            e,
-            call.topk_weights.to(cdt),
-            call.topk_ids.long(),
-            call.activation,
-            call.expert_map,
-            call.on_input,
-            activation_qdq(e.scheme.activation, e.a13_scale),
-            activation_qdq(e.scheme.activation, e.a2_scale),
-        )
+        grad = torch.nn.functional.pad(grad_out.to(problem.x.dtype), (0, problem.x.shape[1] - H))
+        gx, gw = problem.backward(grad)
         return gx[:, :H].to(args[0].dtype), gw.to(args[1].dtype)
 
     return backward
@@ -139,7 +77,7 @@ def _make_backward_reference(sig: ExpertsSignature):
 
 def _make_backward_fake(sig: ExpertsSignature):
     def fake(grad_out, *args):
-        _parse(sig, args)
+        validate_call(*_unflatten(sig, args))
         return torch.empty_like(args[0]), torch.empty_like(args[1])
 
     return fake
