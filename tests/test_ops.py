@@ -179,6 +179,24 @@ def test_align_op(block, with_map):
     assert sorted_ids.numel() == ids.numel() + num_local * (block - 1)
 
 
+@pytest.mark.parametrize("seed", range(6))
+def test_align_sorted_equals_reference(seed):
+    from torch_moe_quant.ops.routing import align_reference, align_sorted
+
+    g = torch.Generator().manual_seed(seed)
+    M, k, E, block = [(0, 2, 4, 4), (1, 1, 8, 16), (7, 2, 4, 1), (33, 4, 16, 8), (64, 8, 32, 16), (5, 3, 6, 64)][seed]
+    ids = torch.randint(0, E, (M, k), generator=g, dtype=torch.int32)
+    expert_map = None
+    num_local = E
+    if seed % 2:
+        expert_map = torch.full((E,), -1, dtype=torch.int32)
+        keep = torch.randperm(E, generator=g)[: E // 2]
+        expert_map[keep] = torch.arange(E // 2, dtype=torch.int32)
+        num_local = E // 2
+    for a, b in zip(align_sorted(ids, num_local, block, expert_map), align_reference(ids, num_local, block, expert_map)):
+        assert torch.equal(a, b)
+
+
 def test_align_rejects_bad_ids():
     with pytest.raises(ValueError, match=r"topk_ids must be in \[0, 8\)"):
         torch.ops.moe_quant.align(torch.tensor([[9]], dtype=torch.int32), 8, 4)

@@ -148,10 +148,47 @@ def align_reference(
     return sorted_ids, block_ids, torch.tensor([pos], dtype=torch.int32, device=topk_ids.device)
 
 
+def align_sorted(
+    topk_ids: torch.Tensor, num_experts: int, block_size: int, expert_map: Optional[torch.Tensor] = None
+):
+    """``align`` with whole-tensor ops only (no per-expert loop; the only host
+    sync is eager mode's id-range check): a stable sort by local expert, each
+    expert's run shifted to its block-padded start. Same outputs as
+    ``align_reference`` (tested)."""
+    _check_align(topk_ids, num_experts, block_size, expert_map)
+    shapes = align_shapes(topk_ids.numel(), num_experts, block_size)
+    dev = topk_ids.device
+    pairs = topk_ids.numel()
+    local = topk_ids.reshape(-1).long()
+    if expert_map is not None:
+        local = expert_map.long()[local]
+    key = torch.where(local < 0, num_experts, local)  # absent experts sort last
+    order = torch.sort(key, stable=True).indices
+    counts = torch.bincount(key, minlength=num_experts + 1)[:num_experts]
+    padded = (counts + block_size - 1) // block_size * block_size
+    padded_start = torch.cumsum(padded, 0) - padded
+    start = torch.cumsum(counts, 0) - counts
+    sorted_key = key[order]
+    valid = sorted_key < num_experts
+    e = sorted_key.clamp(max=num_experts - 1)
+    rank = torch.arange(pairs, device=dev) - start[e]
+    dest = torch.where(valid, padded_start[e] + rank, shapes["sorted_ids"][0][0])
+    sorted_ids = torch.full((shapes["sorted_ids"][0][0] + 1,), pairs, dtype=torch.int32, device=dev)
+    sorted_ids.scatter_(0, dest, order.to(torch.int32))
+    sorted_ids = sorted_ids[:-1]  # the last slot absorbed the dropped pairs
+    blocks_end = torch.cumsum(padded // block_size, 0)
+    n_blocks = shapes["block_expert_ids"][0][0]
+    block_expert = torch.bucketize(torch.arange(n_blocks, device=dev), blocks_end, right=True)
+    block_expert = torch.where(block_expert < num_experts, block_expert, -1).to(torch.int32)
+    num_padded = padded.sum().reshape(1).to(torch.int32)
+    return sorted_ids, block_expert, num_padded
+
+
+# CPU: the readable per-expert loop; CUDA: the loop-free version (no syncs).
 align_op = torch.library.custom_op(
     "moe_quant::align", align_reference, mutates_args=(), device_types="cpu", schema=ALIGN_SCHEMA
 )
-align_op.register_kernel("cuda")(align_reference)
+align_op.register_kernel("cuda")(align_sorted)
 
 
 @align_op.register_fake
@@ -161,4 +198,4 @@ def _align_fake(topk_ids, num_experts, block_size, expert_map=None):
     return tuple(topk_ids.new_empty(s, dtype=d) for s, d in shapes.values())
 
 
-__all__ = ["RoutingMethod", "align_op", "align_reference", "route_op"]
+__all__ = ["RoutingMethod", "align_op", "align_reference", "align_sorted", "route_op"]
