@@ -14,6 +14,7 @@ from .routing import RoutingMethod, route
 from .schemes import SCHEMES, ActivationSpec, ActQuant, Scheme, WeightSpec, get_scheme
 
 from . import ops  # noqa: E402  (registers torch.ops.moe_quant.*)
+from .nn import quantize_  # noqa: E402
 
 __version__ = "0.1.0"
 
@@ -35,6 +36,7 @@ __all__ = [
     "ops",
     "fused_moe",
     "get_scheme",
+    "quantize_",
     "quantize_experts",
     "route",
 ]
