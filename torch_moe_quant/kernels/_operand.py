@@ -59,17 +59,25 @@ class ScaleMode(enum.IntEnum):
     * ``PER_K_TILE``: the scale is constant over every ``BLOCK_K`` tile (the
       group along K is a multiple of ``BLOCK_K``): each tile's fp32 partial
       product is scaled. Weight codes enter the dot exactly.
-    * ``PER_ELEMENT``: the scale changes inside a K tile (act-order ``g_idx``,
-      or a group smaller than ``BLOCK_K``): the weight tile is scaled in fp32
-      and then rounded to the compute dtype. Exact for power-of-two (e8m0)
-      scales in bf16/fp32 and for nvfp4 (e2m1 x e4m3 fits 6 bits); rounds
-      for float scales (int4 act-order: ~2**-9 relative per weight in bf16).
+    * ``PER_GROUP``: a K tile holds several whole groups (``BLOCK_K`` a
+      multiple of a power-of-two group): one ``[BLOCK_K / group, BLOCK_N]``
+      scale load, broadcast over each group of the weight tile, which is then
+      rounded to the compute dtype.
+    * ``PER_ELEMENT``: the group of each column is looked up (act-order
+      ``g_idx``, or a group that neither divides nor is a multiple of
+      ``BLOCK_K``): the scale is gathered per element, the weight tile scaled
+      in fp32 and rounded to the compute dtype.
+
+    Rounding in the last two: exact for power-of-two (e8m0) scales in
+    bf16/fp32 and for nvfp4 (e2m1 x e4m3 fits 6 bits); float scales round
+    (int4 act-order: ~2**-9 relative per weight in bf16).
     """
 
     NONE = 0
     PER_COLUMN = 1
     PER_K_TILE = 2
-    PER_ELEMENT = 3
+    PER_GROUP = 3
+    PER_ELEMENT = 4
 
 
 #: Format -> (element codec, scale codec). A format missing here has no Triton path.
@@ -100,9 +108,10 @@ def check_format_supported(fmt: Optional[Format], where: str) -> None:
 class WeightOperand:
     """One expert weight ``[E, N, K]`` as the kernel reads it.
 
-    ``scale``/``zero_point`` are ``[E, SN, SK]`` (contiguous); the kernel reads
-    entry ``(n // scale_block_n, k // scale_block_k)`` (or ``g_idx[e, k]``
-    along K), with a zero stride on a dim of size 1 (broadcast).
+    ``scale``/``zero_point`` are ``[E, SN, SK]`` (contiguous, or N-major for
+    act-order weights); the kernel reads entry ``(n // scale_block_n,
+    k // scale_block_k)`` (or ``g_idx[e, k]`` along K) through their strides,
+    with a zero stride on a dim of size 1 (broadcast).
     ``scale_block_k is None`` means one scale for the whole K (per column).
     """
 
@@ -155,8 +164,11 @@ class WeightOperand:
             return ScaleMode.PER_ELEMENT
         if self.scale_block_k is None:
             return ScaleMode.PER_COLUMN
-        if self.scale_block_k % block_k == 0:
+        group = self.scale_block_k
+        if group % block_k == 0:
             return ScaleMode.PER_K_TILE
+        if block_k % group == 0 and group & (group - 1) == 0:
+            return ScaleMode.PER_GROUP
         return ScaleMode.PER_ELEMENT
 
     @property
@@ -182,14 +194,24 @@ def _quantized_operand(q: QuantizedTensor, name: str) -> WeightOperand:
     E, N, K = q.shape
     element, scale_codec = CODECS[q.fmt]
     data = q.data.view(torch.uint8) if element is ElementCodec.FP8_E4M3 else q.data
-    scale = q.scale.view(torch.uint8) if scale_codec is ScaleCodec.E8M0 else q.scale
+    byte_scale = scale_codec in (ScaleCodec.E8M0, ScaleCodec.E4M3)
+    scale = q.scale.view(torch.uint8) if byte_scale else q.scale
     br, bc = q.granularity.block_shape(N, K)
     _, sn, sk = q.scale.shape
-    g_idx = q.g_idx
+    g_idx, zero_point = q.g_idx, q.zero_point
+    scale = scale.contiguous()
+    if zero_point is not None:
+        zero_point = zero_point.contiguous()
     if g_idx is not None:
         if not isinstance(q.granularity, PerGroup):
             raise ValueError(f"{name}.g_idx needs a PerGroup granularity, got {q.granularity!r}")
         g_idx = g_idx.contiguous()
+        # act-order gathers scale[e, n, g_idx[k]] per element: N-major copies make
+        # those loads contiguous along the tile's N (the kernel reads strides)
+        scale = _n_major(scale)
+        zero_point = None if zero_point is None else _n_major(zero_point)
+    # the kernel reads the zero point through the scale's strides
+    assert zero_point is None or zero_point.stride() == scale.stride()
     one_k_scale = sk == 1 and g_idx is None
     gs = None
     if q.global_scale is not None:
@@ -201,8 +223,8 @@ def _quantized_operand(q: QuantizedTensor, name: str) -> WeightOperand:
         num_experts=E,
         n=N,
         k=K,
-        scale=scale.contiguous(),
-        zero_point=None if q.zero_point is None else q.zero_point.contiguous(),
+        scale=scale,
+        zero_point=zero_point,
         g_idx=g_idx,
         global_scale=gs,
         scale_block_n=br if sn > 1 else 1,
@@ -210,6 +232,11 @@ def _quantized_operand(q: QuantizedTensor, name: str) -> WeightOperand:
         fmt=q.fmt,
         granularity=q.granularity,
     )
+
+
+def _n_major(t: torch.Tensor) -> torch.Tensor:
+    """The same ``[E, N, G]`` tensor stored with N contiguous."""
+    return t.transpose(1, 2).contiguous().transpose(1, 2)
 
 
 def weight_spec_of(obj) -> WeightSpec:

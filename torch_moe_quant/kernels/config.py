@@ -1,6 +1,6 @@
 """Tile configurations of the grouped MoE GEMM.
 
-What exists here: a frozen problem description (``MoEProblem``), a frozen
+What exists here: a frozen problem description (``GemmProblem``), a frozen
 tile configuration (``KernelConfig``) and ``select_config``, a small typed
 heuristic (no tables, no JSON, no autotuning). Every launcher also accepts an
 explicit ``KernelConfig``, which is how tests pin small tiles and how a
@@ -17,9 +17,14 @@ The heuristic:
   K (int4 groups, fp8 128x128 blocks) ``BLOCK_K`` divides the group, so each
   K tile has one scale per column (``PER_K_TILE``); power-of-two e8m0 scales
   and nvfp4's e4m3 scales may be folded into the weight tile
-  (``PER_ELEMENT``) exactly in bf16/fp32, so they keep the larger tile,
+  (``PER_GROUP``) exactly in bf16/fp32, so they keep the larger tile,
   except with fp16 activations (fp16's narrow range), where the e8m0 group
-  bounds ``BLOCK_K`` too.
+  bounds ``BLOCK_K`` too. Act-order weights gather their scales per element
+  whatever ``BLOCK_K`` is.
+* ``num_stages`` is lowered until the loads one pipeline stage buffers
+  (activation tile, packed weight tile, and the scale, zero point and
+  ``g_idx`` tiles of ``ScaleMode.PER_GROUP`` / ``PER_ELEMENT``) fit
+  ``SMEM_BUDGET`` bytes (H100: 227 KiB of shared memory per block).
 * On a CPU device (the Triton interpreter) tiles are the smallest the
   kernel allows, to keep the interpreter fast.
 """
@@ -33,12 +38,23 @@ import torch
 
 from ..formats.core import PerBlock, PerGroup, QuantizedTensor
 from ..formats.layout import TRAITS
-from ..schemes import ActOrder, Scheme, WeightSpec
-from ._operand import CODECS, ScaleCodec, check_format_supported, weight_spec_of
+from ..schemes import ActOrder, Scheme, WeightSpec, ZeroPoint
+from ._operand import CODECS, ElementCodec, ScaleCodec, check_format_supported, weight_spec_of
 
 _COMPUTE_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 #: ``tl.dot`` needs every tile dim >= 16.
 MIN_BLOCK = 16
+#: shared memory the pipelined loads may take (bytes), below H100's 227 KiB per block
+SMEM_BUDGET = 200 * 1024
+#: stored bits per weight element (the kernel loads packed words once)
+_BITS = {
+    ElementCodec.FP8_E4M3: 8,
+    ElementCodec.INT8: 8,
+    ElementCodec.INT4: 4,
+    ElementCodec.FP4_E2M1: 4,
+    ElementCodec.FP6_E2M3: 6,
+    ElementCodec.FP6_E3M2: 6,
+}
 
 
 def _is_pow2(x: int) -> bool:
@@ -46,7 +62,7 @@ def _is_pow2(x: int) -> bool:
 
 
 @dataclasses.dataclass(frozen=True)
-class MoEProblem:
+class GemmProblem:
     """One grouped GEMM of an MoE layer: ``num_tokens`` tokens, each routed
     to ``top_k`` of ``num_experts`` experts, weights ``[E, n, k]``, activations
     of ``dtype`` (the compute dtype of ``tl.dot``)."""
@@ -62,13 +78,13 @@ class MoEProblem:
         for name in ("num_tokens", "n", "k", "num_experts", "top_k"):
             v = getattr(self, name)
             if not isinstance(v, int) or v < 0:
-                raise ValueError(f"MoEProblem.{name} must be a non-negative int, got {v!r}")
+                raise ValueError(f"GemmProblem.{name} must be a non-negative int, got {v!r}")
         if self.num_experts < 1 or self.top_k < 1:
             raise ValueError(
-                f"MoEProblem needs num_experts >= 1 and top_k >= 1, got {self.num_experts}, {self.top_k}"
+                f"GemmProblem needs num_experts >= 1 and top_k >= 1, got {self.num_experts}, {self.top_k}"
             )
         if self.dtype not in _COMPUTE_DTYPES:
-            raise TypeError(f"MoEProblem.dtype must be bfloat16, float16 or float32, got {self.dtype}")
+            raise TypeError(f"GemmProblem.dtype must be bfloat16, float16 or float32, got {self.dtype}")
 
     @property
     def num_pairs(self) -> int:
@@ -142,6 +158,22 @@ def block_k_for(spec: WeightSpec, preferred: int, dtype: torch.dtype) -> int:
     return max(MIN_BLOCK, min(preferred, largest_div))
 
 
+def stage_bytes(spec: WeightSpec, dtype: torch.dtype, block_m: int, block_n: int, block_k: int) -> int:
+    """Estimated shared memory of one pipeline stage (see the module docstring)."""
+    a = block_m * block_k * dtype.itemsize
+    if spec.fmt is None:
+        return a + block_k * block_n * spec.float_dtype.itemsize
+    element, scale_codec = CODECS[spec.fmt]
+    w = block_k * block_n * _BITS[element] // 8
+    per_scale = (4 if scale_codec is ScaleCodec.FLOAT else 1) + (spec.zero_point is not ZeroPoint.NONE)
+    group = k_group(spec)
+    if spec.act_order is ActOrder.GROUP or (group is not None and group % block_k and block_k % group):
+        w += block_k * block_n * per_scale + 4 * block_k  # gathered per element (+ g_idx)
+    elif group is not None and group < block_k:
+        w += block_k // group * block_n * per_scale  # PER_GROUP
+    return a + w
+
+
 def _device_type(device) -> str:
     if isinstance(device, torch.device):
         return device.type
@@ -151,15 +183,15 @@ def _device_type(device) -> str:
 
 
 def select_config(
-    problem: MoEProblem,
+    problem: GemmProblem,
     weight: Union[Scheme, WeightSpec, torch.Tensor, QuantizedTensor],
     device: Union[torch.device, str] = "cuda",
 ) -> KernelConfig:
     """A ``KernelConfig`` for ``problem`` with weights described by ``weight``
     (a ``Scheme``, ``WeightSpec``, weight tensor or ``QuantizedTensor``) on
     ``device`` (see the module docstring for the rules)."""
-    if not isinstance(problem, MoEProblem):
-        raise TypeError(f"problem must be a MoEProblem, got {type(problem).__name__}")
+    if not isinstance(problem, GemmProblem):
+        raise TypeError(f"problem must be a GemmProblem, got {type(problem).__name__}")
     spec = weight_spec_of(weight)
     check_format_supported(spec.fmt, "select_config")
     if _device_type(device) == "cpu":
@@ -180,7 +212,10 @@ def select_config(
     if spec.fmt is not None:
         den = TRAITS[spec.fmt].pack_ratio[1]
         assert block_k % den == 0, (block_k, den)
+    per_stage = stage_bytes(spec, problem.dtype, block_m, block_n, block_k)
+    while stages > 1 and stages * per_stage > SMEM_BUDGET:
+        stages -= 1
     return KernelConfig(block_m, block_n, block_k, group_m, warps, stages)
 
 
-__all__ = ["KernelConfig", "MoEProblem", "block_k_for", "k_group", "select_config"]
+__all__ = ["GemmProblem", "KernelConfig", "block_k_for", "k_group", "select_config", "stage_bytes"]

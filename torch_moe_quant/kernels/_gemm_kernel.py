@@ -1,0 +1,270 @@
+"""The Triton grouped MoE GEMM kernel and its device helpers.
+
+Imported lazily by ``moe_gemm`` at the first launch, never by the package:
+``@triton.jit`` reads ``TRITON_INTERPRET`` when this module is imported, so
+the interpreter (CPU tensors) is used iff the variable is set before the
+first launch. ``moe_gemm.kernel_is_interpreted()`` reports which one it got.
+
+Contract of one program (see ``moe_gemm`` for the tensors): tile
+``(pid_m, pid_n)`` takes ``BLOCK_M`` entries of ``sorted_ids`` (one expert,
+``block_expert_ids[pid_m]``) and ``BLOCK_N`` output columns; it walks K in
+``BLOCK_K`` steps, decoding the expert's weight tile in registers, and writes
+``C[pair, n]`` for the valid pairs of the block. Out-of-range expert ids,
+sentinel pairs and blocks past ``num_padded`` are skipped, so bad alignment
+data can give a wrong result but never an out-of-bounds access.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._operand import ElementCodec, ScaleCodec, ScaleMode
+from .moe_gemm import ARows
+
+#: torch compute dtype -> the ``COMPUTE`` constexpr of ``tl.dot`` operands.
+TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
+#: ``input_precision`` of fp32 dots: full fp32 products (not tf32), as the reference.
+FP32_DOT_PRECISION = "ieee"
+
+# Enum values as kernel globals (the kernel compares constexprs against names).
+_TOKENS = tl.constexpr(ARows.TOKENS.value)
+_EL_FLOAT = tl.constexpr(ElementCodec.FLOAT.value)
+_EL_FP8 = tl.constexpr(ElementCodec.FP8_E4M3.value)
+_EL_INT8 = tl.constexpr(ElementCodec.INT8.value)
+_EL_INT4 = tl.constexpr(ElementCodec.INT4.value)
+_EL_FP4 = tl.constexpr(ElementCodec.FP4_E2M1.value)
+_EL_FP6_E2M3 = tl.constexpr(ElementCodec.FP6_E2M3.value)
+_EL_FP6_E3M2 = tl.constexpr(ElementCodec.FP6_E3M2.value)
+_SC_E8M0 = tl.constexpr(ScaleCodec.E8M0.value)
+_SC_E4M3 = tl.constexpr(ScaleCodec.E4M3.value)
+_SM_PER_COLUMN = tl.constexpr(ScaleMode.PER_COLUMN.value)
+_SM_PER_K_TILE = tl.constexpr(ScaleMode.PER_K_TILE.value)
+_SM_PER_GROUP = tl.constexpr(ScaleMode.PER_GROUP.value)
+_SM_PER_ELEMENT = tl.constexpr(ScaleMode.PER_ELEMENT.value)
+#: int4 codes are stored as the unsigned nibble ``code + 8``.
+_INT4_OFFSET = tl.constexpr(8)
+#: fp32 bit patterns: 2**-127 (e8m0 byte 0, a subnormal) and a quiet NaN (byte 255).
+_F32_2_POW_M127 = tl.constexpr(0x400000)
+_F32_QNAN = tl.constexpr(0x7FC00000)
+
+
+@triton.jit
+def _e4m3_to_f32(bits):
+    """uint8 e4m3fn bit patterns -> fp32 (``0x7F``/``0xFF`` are NaN; the
+    interpreter's fp8 cast decodes them as ±480, so they are set here)."""
+    v = bits.to(tl.float8e4nv, bitcast=True).to(tl.float32)
+    return tl.where((bits & 0x7F) == 0x7F, float("nan"), v)
+
+
+@triton.jit
+def _minifloat_to_f32(code, EBITS: tl.constexpr, MBITS: tl.constexpr):
+    """int32 codes of a sign-magnitude float with no inf/NaN codes (e2m1,
+    e2m3, e3m2) -> fp32, exactly: normal numbers are built from their bits,
+    subnormals as ``(1.m * 2**(1 - bias)) - 2**(1 - bias)`` (no fp32 denormal
+    is ever formed, so flush-to-zero cannot change the result)."""
+    BIAS: tl.constexpr = (1 << (EBITS - 1)) - 1
+    sign = (code >> (EBITS + MBITS)) & 1
+    exp = (code >> MBITS) & ((1 << EBITS) - 1)
+    frac = (code & ((1 << MBITS) - 1)) << (23 - MBITS)
+    normal = (((exp + (127 - BIAS)) << 23) | frac).to(tl.float32, bitcast=True)
+    base = tl.zeros_like(code) + ((128 - BIAS) << 23)
+    sub = (base | frac).to(tl.float32, bitcast=True) - base.to(tl.float32, bitcast=True)
+    mag = tl.where(exp == 0, sub, normal)
+    return tl.where(sign != 0, -mag, mag)
+
+
+@triton.jit
+def _unpack(words, BITS: tl.constexpr, PER_WORD: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
+    """``[BLOCK_K // PER_WORD, BLOCK_N]`` int32 words -> ``[BLOCK_K, BLOCK_N]``
+    codes: code ``j`` of word ``i`` (bits ``j * BITS``) is row ``i * PER_WORD + j``."""
+    shifts = tl.arange(0, PER_WORD) * BITS
+    codes = (words[:, None, :] >> shifts[None, :, None]) & ((1 << BITS) - 1)
+    return tl.reshape(codes, (BLOCK_K, BLOCK_N))
+
+
+@triton.jit
+def _load_weight(
+    w_ptr, k0, K, offs_n, n_ok, stride_wn, stride_wk,
+    ELEMENT: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """The ``[BLOCK_K, BLOCK_N]`` tile ``W[offs_n, k0:k0 + BLOCK_K]^T`` before
+    scaling: raw values for ``FLOAT``, fp32 codes otherwise. Packed formats
+    load each word or byte once and unpack it in registers."""
+    col = offs_n[None, :] * stride_wn
+    if ELEMENT == _EL_INT4:
+        offs_w = k0 // 8 + tl.arange(0, BLOCK_K // 8)
+        mask = (offs_w < K // 8)[:, None] & n_ok[None, :]
+        words = tl.load(w_ptr + col + offs_w[:, None] * stride_wk, mask=mask, other=0)
+        w = (_unpack(words, 4, 8, BLOCK_K, BLOCK_N) - _INT4_OFFSET).to(tl.float32)
+    elif ELEMENT == _EL_FP4:
+        offs_w = k0 // 2 + tl.arange(0, BLOCK_K // 2)
+        mask = (offs_w < K // 2)[:, None] & n_ok[None, :]
+        byte = tl.load(w_ptr + col + offs_w[:, None] * stride_wk, mask=mask, other=0).to(tl.int32)
+        w = _minifloat_to_f32(_unpack(byte, 4, 2, BLOCK_K, BLOCK_N), 2, 1)
+    elif (ELEMENT == _EL_FP6_E2M3) or (ELEMENT == _EL_FP6_E3M2):
+        offs_w = k0 // 4 + tl.arange(0, BLOCK_K // 4)  # 3-byte words of 4 codes
+        mask = (offs_w < K // 4)[:, None] & n_ok[None, :]
+        first = w_ptr + col + offs_w[:, None] * 3 * stride_wk
+        b0 = tl.load(first, mask=mask, other=0).to(tl.int32)
+        b1 = tl.load(first + stride_wk, mask=mask, other=0).to(tl.int32)
+        b2 = tl.load(first + 2 * stride_wk, mask=mask, other=0).to(tl.int32)
+        code = _unpack(b0 | (b1 << 8) | (b2 << 16), 6, 4, BLOCK_K, BLOCK_N)
+        if ELEMENT == _EL_FP6_E2M3:
+            w = _minifloat_to_f32(code, 2, 3)
+        else:
+            w = _minifloat_to_f32(code, 3, 2)
+    else:
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        mask = (offs_k < K)[:, None] & n_ok[None, :]
+        raw = tl.load(w_ptr + col + offs_k[:, None] * stride_wk, mask=mask, other=0)
+        if ELEMENT == _EL_FP8:
+            w = _e4m3_to_f32(raw)
+        elif ELEMENT == _EL_INT8:
+            w = raw.to(tl.float32)
+        else:  # _EL_FLOAT
+            w = raw
+    return w
+
+
+@triton.jit
+def _decode_scale(raw, SCALE_CODEC: tl.constexpr):
+    """Stored scales -> fp32: e8m0 bytes as exact powers of two (255 = NaN),
+    e4m3 bytes through ``_e4m3_to_f32``, float scales widened."""
+    if SCALE_CODEC == _SC_E8M0:
+        b = raw.to(tl.int32)
+        bits = tl.where(b == 0, _F32_2_POW_M127, b << 23)
+        s = tl.where(b == 255, _F32_QNAN, bits).to(tl.float32, bitcast=True)
+    elif SCALE_CODEC == _SC_E4M3:
+        s = _e4m3_to_f32(raw)
+    else:
+        s = raw.to(tl.float32)
+    return s
+
+
+@triton.jit
+def moe_gemm_kernel(
+    a_ptr, w_ptr, c_ptr,
+    sorted_ids_ptr, block_expert_ptr, num_padded_ptr,
+    scale_ptr, zp_ptr, g_idx_ptr, gs_ptr, bias_ptr, topk_w_ptr,
+    N, K, num_pairs, max_padded, num_experts, num_k_groups,
+    stride_am, stride_ak,
+    stride_we, stride_wn, stride_wk,
+    stride_se, stride_sn, stride_sk,
+    stride_ge, stride_gk,
+    stride_be, stride_bn,
+    stride_cm, stride_cn,
+    TOP_K: tl.constexpr,
+    A_ROWS: tl.constexpr,
+    ELEMENT: tl.constexpr,
+    SCALE_CODEC: tl.constexpr,
+    SCALE_MODE: tl.constexpr,
+    SCALE_BLOCK_N: tl.constexpr,
+    SCALE_BLOCK_K: tl.constexpr,
+    COMPUTE: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+):
+    # ---- tile coordinates: grouped order, GROUP_M row tiles share weight columns
+    pid = tl.program_id(0)
+    num_pid_m = tl.cdiv(max_padded, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    in_group = GROUP_M * num_pid_n
+    first_m = (pid // in_group) * GROUP_M
+    size_m = tl.minimum(num_pid_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % in_group) % size_m
+    pid_n = (pid % in_group) // size_m
+
+    num_padded = tl.minimum(tl.load(num_padded_ptr), max_padded)
+    if pid_m * BLOCK_M >= num_padded:
+        return
+    expert = tl.load(block_expert_ptr + pid_m).to(tl.int64)
+    if (expert < 0) | (expert >= num_experts):
+        return
+
+    # ---- rows: pairs of this block (sentinel / padding rows are masked)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    pair = tl.load(sorted_ids_ptr + offs_m, mask=offs_m < num_padded, other=num_pairs)
+    row_ok = (pair >= 0) & (pair < num_pairs)
+    pair = tl.where(row_ok, pair, 0).to(tl.int64)
+    if A_ROWS == _TOKENS:
+        a_row = pair // TOP_K
+    else:
+        a_row = pair
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < N
+
+    a_ptrs = a_ptr + a_row[:, None] * stride_am
+    w_base = w_ptr + expert * stride_we
+    s_col = (offs_n // SCALE_BLOCK_N) * stride_sn  # scale offset of each column
+    if SCALE_MODE == _SM_PER_COLUMN:
+        col_scale = _decode_scale(
+            tl.load(scale_ptr + expert * stride_se + s_col, mask=n_ok, other=0), SCALE_CODEC
+        )
+        if zp_ptr is not None:
+            col_zp = tl.load(zp_ptr + expert * stride_se + s_col, mask=n_ok, other=0).to(tl.float32)
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        k_ok = offs_k < K
+        a = tl.load(a_ptrs + offs_k[None, :] * stride_ak, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        w = _load_weight(w_base, k0, K, offs_n, n_ok, stride_wn, stride_wk, ELEMENT, BLOCK_K, BLOCK_N)
+        if SCALE_MODE == _SM_PER_COLUMN:
+            if zp_ptr is not None:
+                w = w - col_zp[None, :]
+        elif SCALE_MODE == _SM_PER_K_TILE:
+            s_off = expert * stride_se + s_col + (k0 // SCALE_BLOCK_K) * stride_sk
+            tile_scale = _decode_scale(tl.load(scale_ptr + s_off, mask=n_ok, other=0), SCALE_CODEC)
+            if zp_ptr is not None:
+                w = w - tl.load(zp_ptr + s_off, mask=n_ok, other=0).to(tl.float32)[None, :]
+        elif SCALE_MODE == _SM_PER_GROUP:
+            # BLOCK_K holds GROUPS whole scale groups: one [GROUPS, BLOCK_N] scale load, broadcast
+            GROUPS: tl.constexpr = BLOCK_K // SCALE_BLOCK_K
+            offs_g = k0 // SCALE_BLOCK_K + tl.arange(0, GROUPS)
+            g_mask = (offs_g < num_k_groups)[:, None] & n_ok[None, :]
+            s_off = expert * stride_se + s_col[None, :] + offs_g[:, None] * stride_sk
+            s = _decode_scale(tl.load(scale_ptr + s_off, mask=g_mask, other=0), SCALE_CODEC)
+            w3 = tl.reshape(w, (GROUPS, SCALE_BLOCK_K, BLOCK_N))
+            if zp_ptr is not None:
+                w3 = w3 - tl.load(zp_ptr + s_off, mask=g_mask, other=0).to(tl.float32)[:, None, :]
+            w = tl.reshape(w3 * s[:, None, :], (BLOCK_K, BLOCK_N))
+        elif SCALE_MODE == _SM_PER_ELEMENT:
+            # the group of each column: g_idx (act-order) or k // SCALE_BLOCK_K; gathered per element
+            if g_idx_ptr is not None:
+                grp = tl.load(g_idx_ptr + expert * stride_ge + offs_k * stride_gk, mask=k_ok, other=0)
+                bad_grp = k_ok & ((grp < 0) | (grp >= num_k_groups))
+                grp = tl.where(bad_grp, 0, grp)
+            else:
+                grp = offs_k // SCALE_BLOCK_K
+                bad_grp = offs_k < 0  # all False
+            w_mask = k_ok[:, None] & n_ok[None, :]
+            s_off = expert * stride_se + s_col[None, :] + grp[:, None] * stride_sk
+            s = _decode_scale(tl.load(scale_ptr + s_off, mask=w_mask, other=0), SCALE_CODEC)
+            if zp_ptr is not None:
+                w = w - tl.load(zp_ptr + s_off, mask=w_mask, other=0).to(tl.float32)
+            # a g_idx entry outside [0, groups) poisons its column with NaN (loud, never silent)
+            w = tl.where(bad_grp[:, None], float("nan"), w * s)
+        if SCALE_MODE == _SM_PER_K_TILE:
+            part = tl.dot(a.to(COMPUTE), w.to(COMPUTE), input_precision=INPUT_PRECISION, out_dtype=tl.float32)
+            acc += part * tile_scale[None, :]
+        else:
+            acc = tl.dot(a.to(COMPUTE), w.to(COMPUTE), acc, input_precision=INPUT_PRECISION, out_dtype=tl.float32)
+
+    # ---- epilogue: column scale, global scale, bias, routing weight
+    if SCALE_MODE == _SM_PER_COLUMN:
+        acc = acc * col_scale[None, :]
+    if gs_ptr is not None:
+        acc = acc / tl.load(gs_ptr + expert)
+    if bias_ptr is not None:
+        bias = tl.load(bias_ptr + expert * stride_be + offs_n * stride_bn, mask=n_ok, other=0.0)
+        acc = acc + bias.to(tl.float32)[None, :]
+    if topk_w_ptr is not None:
+        rw = tl.load(topk_w_ptr + pair, mask=row_ok, other=0.0)
+        acc = acc * rw.to(tl.float32)[:, None]
+    c_ptrs = c_ptr + pair[:, None] * stride_cm + offs_n[None, :] * stride_cn
+    tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=row_ok[:, None] & n_ok[None, :])
