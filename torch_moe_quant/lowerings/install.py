@@ -1,0 +1,169 @@
+"""Install / uninstall the moe_quant Inductor pass.
+
+The pass is one ``CustomGraphPass`` (``MoeQuantPass``) set in
+``torch._inductor.config.post_grad_custom_pre_pass``. Nothing happens at
+import: the config is only touched by ``install()``, and the patterns are
+traced and registered on the first ``install()``.
+
+Why the post-grad *pre* pass and not the post pass: the pre pass sees the
+same normalized, functionalized aten graph (on CPU the two graphs were
+identical for every router form we match), but it runs *before* Inductor's
+own post-grad pattern passes. Those rewrite ordinary code that our patterns
+look for: on CUDA/XPU with the Triton backend, ``prepare_softmax_pattern``
+turns ``amax/sub/exp/sum`` into ``prepare_softmax_online``, so a softmax
+router would no longer be recognisable by a post pass.
+
+Composition with a pass the user already set: ``install()`` chains. The
+config value becomes a tuple ``(*user_passes, MoeQuantPass())`` (torch runs
+every entry of a list/tuple, in order, and keys the FX graph cache on each
+entry's ``uuid()``). ``uninstall()`` restores exactly the value seen by
+``install()``; if the config was changed in between, it only removes our
+pass and leaves the rest as it is. ``install()`` is idempotent.
+
+Caching: ``MoeQuantPass.uuid()`` hashes the source of every module of this
+package (``lowerings/*.py``), so the FX graph cache misses when a pattern
+changes. A cache hit skips the pass altogether, so the
+``counters["moe_quant"]`` rewrite counters are only bumped on a real compile.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import threading
+from pathlib import Path
+from typing import Iterable, Iterator, Optional, Tuple, Union
+
+import torch
+from torch._inductor import config as inductor_config
+from torch._inductor.custom_graph_pass import CustomGraphPass, get_custom_graph_passes
+
+CONFIG_KEY = "post_grad_custom_pre_pass"
+"""The ``torch._inductor.config`` attribute our pass is installed in."""
+
+_PACKAGE_DIR = Path(__file__).resolve().parent
+
+
+def source_hash(sources: Iterable[Tuple[str, Union[str, bytes]]]) -> str:
+    """sha256 over ``(name, text)`` pairs: the pass ``uuid()``.
+
+    Taking the texts (not paths) lets tests check that any change of a
+    pattern's source gives a new uuid without editing files.
+    """
+    hasher = hashlib.sha256()
+    for name, text in sources:
+        data = text.encode("utf-8") if isinstance(text, str) else text
+        for part in (name.encode("utf-8"), data):
+            hasher.update(len(part).to_bytes(8, "little"))
+            hasher.update(part)
+    return hasher.hexdigest()
+
+
+def pass_sources() -> Tuple[Tuple[str, bytes], ...]:
+    """The sources the uuid covers: every ``*.py`` file of this package."""
+    return tuple((p.name, p.read_bytes()) for p in sorted(_PACKAGE_DIR.glob("*.py")))
+
+
+class MoeQuantPass(CustomGraphPass):
+    """Applies the moe_quant rewrites (routing, ...) to a post-grad graph."""
+
+    def __init__(self) -> None:
+        self._uuid: Optional[str] = None
+
+    def __call__(self, graph: torch.fx.Graph) -> None:
+        if _patterns().apply(graph):
+            # e.g. the ``full(-inf)`` a rewritten Llama-4 router scattered into
+            graph.eliminate_dead_code()
+
+    def uuid(self) -> str:
+        if self._uuid is None:
+            self._uuid = source_hash(pass_sources())
+        return self._uuid
+
+    def __repr__(self) -> str:
+        return "MoeQuantPass()"
+
+
+_PASS = MoeQuantPass()
+_LOCK = threading.RLock()
+_UNSET = object()
+_saved = _UNSET  # the config value install() replaced
+_installed_value = _UNSET  # the config value install() set
+
+
+_pattern_pass = None
+
+
+def _patterns():
+    """The ``PatternMatcherPass`` holding every rewrite, built on first use."""
+    global _pattern_pass
+    with _LOCK:
+        if _pattern_pass is None:
+            from torch._dynamo.utils import counters
+            from torch._inductor.pattern_matcher import PatternMatcherPass
+
+            from . import routing_patterns
+
+            patterns = PatternMatcherPass(pass_name="moe_quant")
+            inductor_counters = counters["inductor"].copy()
+            routing_patterns.register(patterns)
+            # tracing the patterns may bump Inductor's own counters
+            counters["inductor"] = inductor_counters
+            _pattern_pass = patterns
+        return _pattern_pass
+
+
+def _current_passes() -> tuple:
+    return get_custom_graph_passes(getattr(inductor_config, CONFIG_KEY))
+
+
+def installed() -> bool:
+    """Whether the moe_quant pass is in ``torch._inductor.config`` now."""
+    return any(p is _PASS for p in _current_passes())
+
+
+def install() -> None:
+    """Add the moe_quant rewrites to every later Inductor compile.
+
+    Idempotent. A user pass already set in ``post_grad_custom_pre_pass`` is
+    kept and runs first (see the module docstring). Call
+    ``torch._dynamo.reset()`` for functions compiled before.
+    """
+    global _saved, _installed_value
+    with _LOCK:
+        _patterns()
+        if installed():
+            return
+        previous = getattr(inductor_config, CONFIG_KEY)
+        user_passes = get_custom_graph_passes(previous)
+        new_value = (*user_passes, _PASS) if user_passes else _PASS
+        setattr(inductor_config, CONFIG_KEY, new_value)
+        _saved, _installed_value = previous, new_value
+
+
+def uninstall() -> None:
+    """Undo ``install()``; a no-op when not installed."""
+    global _saved, _installed_value
+    with _LOCK:
+        current = getattr(inductor_config, CONFIG_KEY)
+        if installed():
+            if current is _installed_value:
+                restored = _saved
+            else:  # changed since install(): remove our pass, keep the others
+                others = tuple(p for p in get_custom_graph_passes(current) if p is not _PASS)
+                restored = (list(others) if isinstance(current, list) else others) or None
+            setattr(inductor_config, CONFIG_KEY, restored)
+        _saved = _installed_value = _UNSET
+
+
+@contextlib.contextmanager
+def enabled() -> Iterator[None]:
+    """``with enabled():`` the pass is installed inside, and afterwards in
+    the state it was before (left installed if it already was)."""
+    was_installed = installed()
+    install()
+    try:
+        yield
+    finally:
+        if not was_installed:
+            uninstall()
