@@ -163,6 +163,29 @@ def test_interpreter_is_used():
     assert kernel_is_interpreted()
 
 
+def test_kernels_call_only_triton_builtins():
+    """``tl.standard`` helpers (``tl.cdiv``, ``tl.zeros``, ...) are ``@jit``
+    functions decorated when ``triton.language`` is first imported; in a
+    full test session that happens before ``TRITON_INTERPRET`` is set here
+    (test_compile imports Triton through Inductor), and the interpreter then
+    refuses to call them. The kernel module must use builtins only."""
+    import ast
+
+    import triton.language as tl
+    from triton.runtime.jit import JITFunction
+
+    from torch_moe_quant.kernels import _gemm_kernel
+
+    with open(_gemm_kernel.__file__) as f:
+        tree = ast.parse(f.read())
+    used = {
+        node.attr for node in ast.walk(tree)
+        if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id == "tl"
+    }
+    assert "load" in used
+    assert not sorted(n for n in used if isinstance(getattr(tl, n), JITFunction))
+
+
 def test_every_format_has_a_kernel_path():
     assert supported_weight_formats() == frozenset(Format)
 

@@ -5,6 +5,13 @@ Imported lazily by ``moe_gemm`` at the first launch, never by the package:
 the interpreter (CPU tensors) is used iff the variable is set before the
 first launch. ``moe_gemm.kernel_is_interpreted()`` reports which one it got.
 
+The kernels call Triton builtins only, never the ``@jit`` helpers of
+``triton.language.standard`` (``tl.cdiv``, ``tl.zeros``, ``tl.zeros_like``,
+...): those were decorated when ``triton.language`` was first imported,
+which in a process that imported Triton earlier (a test session that
+compiled with Inductor first) was before ``TRITON_INTERPRET`` was set, and
+the interpreter cannot call a compiled ``@jit`` function.
+
 Contract of one program (see ``moe_gemm`` for the tensors): tile
 ``(pid_m, pid_n)`` takes ``BLOCK_M`` entries of ``sorted_ids`` (one expert,
 ``block_expert_ids[pid_m]``) and ``BLOCK_N`` output columns; it walks K in
@@ -69,7 +76,7 @@ def _minifloat_to_f32(code, EBITS: tl.constexpr, MBITS: tl.constexpr):
     exp = (code >> MBITS) & ((1 << EBITS) - 1)
     frac = (code & ((1 << MBITS) - 1)) << (23 - MBITS)
     normal = (((exp + (127 - BIAS)) << 23) | frac).to(tl.float32, bitcast=True)
-    base = tl.zeros_like(code) + ((128 - BIAS) << 23)
+    base = tl.full(code.shape, (128 - BIAS) << 23, tl.int32)
     sub = (base | frac).to(tl.float32, bitcast=True) - base.to(tl.float32, bitcast=True)
     mag = tl.where(exp == 0, sub, normal)
     return tl.where(sign != 0, -mag, mag)
@@ -171,8 +178,8 @@ def moe_gemm_kernel(
 ):
     # ---- tile coordinates: grouped order, GROUP_M row tiles share weight columns
     pid = tl.program_id(0)
-    num_pid_m = tl.cdiv(max_padded, BLOCK_M)
-    num_pid_n = tl.cdiv(N, BLOCK_N)
+    num_pid_m = (max_padded + BLOCK_M - 1) // BLOCK_M
+    num_pid_n = (N + BLOCK_N - 1) // BLOCK_N
     in_group = GROUP_M * num_pid_n
     first_m = (pid // in_group) * GROUP_M
     size_m = tl.minimum(num_pid_m - first_m, GROUP_M)
@@ -208,7 +215,7 @@ def moe_gemm_kernel(
         if zp_ptr is not None:
             col_zp = tl.load(zp_ptr + expert * stride_se + s_col, mask=n_ok, other=0).to(tl.float32)
 
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)
     for k0 in range(0, K, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         k_ok = offs_k < K
