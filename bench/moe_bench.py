@@ -1,41 +1,59 @@
-"""MoE expert-compute benchmark on one GPU.
+"""MoE benchmark on one GPU: every scheme against a plain bf16 MoE.
 
-    python bench/moe_bench.py --out bench/results/h100.md
+    python bench/moe_bench.py --json bench/results/h100.json
+    python bench/plot.py bench/results/h100.json bench/results/h100.png   # on any machine
 
-For each model shape, M (tokens) and scheme it times, with
-``triton.testing.do_bench`` (median, L2 flushed between runs):
+For each model shape (``SHAPES``), M (tokens) and scheme, with random
+weights and softmax top-k routing, it measures
 
-* ``triton``: our Triton path (``kernels.fused_experts_triton``: align ->
-  GEMM1 (+dequant in the main loop) -> activation -> GEMM2 -> top-k sum),
-  routing ids given;
-* ``bf16 grouped_mm``: the plain-PyTorch bf16 MoE a user would write
-  (sort -> ``torch._grouped_mm`` -> act -> ``torch._grouped_mm`` -> weighted sum);
-* ``dequant+grouped_mm``: the scheme's own weights dequantized to bf16 on
-  every call, then the bf16 grouped_mm path;
+* ``fwd``: the whole forward of ``torch.ops.moe_quant.experts_<scheme>``
+  (validation, align, both grouped GEMMs, activation, combine), captured in
+  a CUDA graph and replayed with the L2 cache flushed before every replay
+  (median of ``--reps`` replays timed with CUDA events);
+* ``gemms``: the two grouped GEMMs alone (same method, align and the
+  activation QDQ precomputed);
+* ``host``: host time of one eager call without a CUDA graph (mean over 50
+  back-to-back calls, at M = 1 only, where the GPU work is short; it is a
+  ceiling of the host cost when the GPU is the bottleneck);
+* ``bf16``: the bf16 MoE a user writes with ``torch._grouped_mm`` (sort by
+  expert -> grouped_mm -> activation -> grouped_mm -> weighted scatter-sum),
+  same timing method;
+* ``dequant``: the scheme's weights dequantized to bf16 on every call, then
+  the bf16 path (OOM is reported as such).
 
-and reports the speed-up over bf16 grouped_mm and the % of the roofline floor
-``max(weight bytes read / 3.0 TB/s, flops / 782 TFLOP/s)`` (weight bytes of
-the experts the batch actually touches). Each Triton result is checked
-against the dequant+grouped_mm output (relative Frobenius error printed).
+It reports the speed-up of ``fwd`` over ``bf16`` and over ``dequant``, and
+``fwd`` as a % of the roofline floor ``max(bytes / 3.0 TB/s, flops / peak)``:
+bytes = the stored weight bytes of the experts the batch touches (codes,
+scales, biases); peak = 1270 TFLOP/s for fp8/int8 activations, 782 TFLOP/s
+otherwise (H100 SXM dense). Every result is checked against the reference
+(``torch_moe_quant.reference.fused_moe`` on the touched experts, for up to
+``REF_ROWS`` random tokens) by relative Frobenius error, printed as ``err``
+and marked FAIL above the scheme's ``bound``.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
+import math
+import statistics
 import sys
 import time
-from typing import List
+from typing import Callable, Dict, List, Optional
 
 import torch
-import torch.nn.functional as F
 
 import torch_moe_quant as tmq
-from torch_moe_quant.activations import apply_activation
+from torch_moe_quant.activations import Activation, GateUpLayout, apply_activation
+from torch_moe_quant.formats import Format
 from torch_moe_quant.reference import dequantize_weight
 
 HBM_BYTES_PER_S = 3.0e12
 BF16_FLOPS = 782e12
+FP8_FLOPS = 1270e12
+#: bytes zeroed before each replay: over the H100's 50 MB L2
+_FLUSH_BYTES = 256 << 20
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,32 +66,65 @@ class Shape:
     activation: str = "silu"
     layout: str = "gate_up"
     bias: bool = False
+    routing: str = "softmax_topk_renormalize"
 
 
 SHAPES = {
     s.name: s
     for s in (
         Shape("qwen3-30b-a3b", 128, 8, 2048, 768),
-        Shape("gpt-oss-120b", 128, 4, 2880, 2880, "swigluoai", "interleaved", True),
+        Shape("gpt-oss-120b", 128, 4, 2880, 2880, "swigluoai", "interleaved", True, "topk_softmax"),
         Shape("mixtral-8x7b", 8, 2, 4096, 14336),
-        Shape("deepseek-v3", 256, 8, 7168, 2048),
+        Shape("deepseek-v3", 256, 8, 7168, 2048, routing="deepseek_v3"),
     )
 }
 
 
+def route_for(shape: Shape, logits: torch.Tensor):
+    """The shape's own routing; DeepSeek-V3: 8 groups, top-4 groups, a random
+    correction bias, routed_scaling_factor 2.5 (the model's config)."""
+    if shape.routing != "deepseek_v3":
+        return tmq.route(logits, shape.top_k, shape.routing)
+    g = torch.Generator(device=logits.device).manual_seed(1)
+    bias = torch.randn(shape.E, generator=g, device=logits.device) * 0.1
+    return tmq.route(
+        logits, shape.top_k, "deepseek_v3", correction_bias=bias, num_groups=8, topk_groups=4,
+        routed_scaling_factor=2.5,
+    )
+
+
+def make_weights(shape: Shape, device, seed: int = 0):
+    """bf16 ``w13 [E, 2I, H]``, ``w2 [E, H, I]`` (+ biases), generated per
+    expert chunk on the device (no fp32 copy of the whole tensor)."""
+    g = torch.Generator(device=device).manual_seed(seed)
+    w13 = torch.empty(shape.E, 2 * shape.I, shape.H, dtype=torch.bfloat16, device=device)
+    w2 = torch.empty(shape.E, shape.H, shape.I, dtype=torch.bfloat16, device=device)
+    for e in range(0, shape.E, 16):
+        w13[e : e + 16] = torch.randn(w13[e : e + 16].shape, generator=g, device=device) / shape.H**0.5
+        w2[e : e + 16] = torch.randn(w2[e : e + 16].shape, generator=g, device=device) / shape.I**0.5
+    b13 = b2 = None
+    if shape.bias:
+        b13 = (torch.randn(shape.E, 2 * shape.I, generator=g, device=device) * 0.1).bfloat16()
+        b2 = (torch.randn(shape.E, shape.H, generator=g, device=device) * 0.1).bfloat16()
+    return w13, w2, b13, b2
+
+
 def grouped_mm_moe(x, w13, w2, topk_weights, topk_ids, shape: Shape, b13=None, b2=None):
     """bf16 MoE with torch._grouped_mm: sort pairs by expert, two grouped
-    GEMMs, activation, weighted scatter-sum."""
+    GEMMs, activation, weighted scatter-sum (capturable: no host syncs)."""
     M, k = topk_ids.shape
-    flat = topk_ids.reshape(-1)
+    E = w13.shape[0]
+    flat = topk_ids.reshape(-1).long()
     order = torch.argsort(flat, stable=True)
-    counts = torch.bincount(flat, minlength=shape.E)
-    offs = torch.cumsum(counts, 0).to(torch.int32)
+    counts = torch.zeros(E, dtype=torch.int32, device=x.device).index_add_(
+        0, flat, torch.ones_like(flat, dtype=torch.int32)
+    )
+    offs = torch.cumsum(counts, 0, dtype=torch.int32)
     xs = x[order // k]
     h = torch._grouped_mm(xs, w13.transpose(-2, -1), offs=offs)
     if b13 is not None:
         h = h + b13[flat[order]]
-    a = apply_activation(h.float(), tmq.Activation(shape.activation), tmq.GateUpLayout(shape.layout)).to(x.dtype)
+    a = apply_activation(h.float(), Activation(shape.activation), GateUpLayout(shape.layout)).to(x.dtype)
     y = torch._grouped_mm(a, w2.transpose(-2, -1), offs=offs)
     if b2 is not None:
         y = y + b2[flat[order]]
@@ -83,89 +134,265 @@ def grouped_mm_moe(x, w13, w2, topk_weights, topk_ids, shape: Shape, b13=None, b
     return out.to(x.dtype)
 
 
-def roofline_ms(shape: Shape, M: int, topk_ids, bytes_per_expert: float) -> float:
-    touched = int(torch.unique(topk_ids).numel())
-    bytes_read = touched * bytes_per_expert
-    flops = 2 * M * shape.top_k * (2 * shape.I * shape.H + shape.H * shape.I)
-    return max(bytes_read / HBM_BYTES_PER_S, flops / BF16_FLOPS) * 1e3
+class Timer:
+    """CUDA-graph replay timing with the L2 flushed before every replay."""
 
+    def __init__(self, reps: int):
+        self.reps = reps
+        self.flush = torch.empty(_FLUSH_BYTES, dtype=torch.uint8, device="cuda")
 
-def bench_ms(fn) -> float:
-    import triton.testing
+    def graph_ms(self, fn: Callable[[], torch.Tensor]) -> float:
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(2):  # compile kernels, settle allocations
+                fn()
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            fn()
+        times = []
+        for _ in range(self.reps):
+            self.flush.zero_()
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            graph.replay()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        del graph
+        return statistics.median(times)
 
-    return triton.testing.do_bench(fn, warmup=10, rep=50, return_mode="median")
+    @staticmethod
+    def host_us(fn: Callable[[], torch.Tensor], calls: int = 50) -> float:
+        fn()
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        t1 = time.perf_counter()
+        torch.cuda.synchronize()
+        return (t1 - t0) / calls * 1e6
 
 
 def rel_err(a, b) -> float:
     return ((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-30)).item()
 
 
-def main(argv=None) -> None:
+def touched_bytes(experts, ids) -> float:
+    """Stored bytes of the experts ``ids`` touches (codes, scales, biases)."""
+    touched = int(torch.unique(ids).numel())
+    return experts.nbytes * touched / experts.num_experts
+
+
+def roofline_ms(shape: Shape, M: int, nbytes: float, scheme) -> float:
+    act = scheme.activation
+    peak = FP8_FLOPS if act is not None and act.fmt in (Format.FP8_E4M3, Format.INT8) else BF16_FLOPS
+    flops = 2 * M * shape.top_k * 3 * shape.I * shape.H
+    return max(nbytes / HBM_BYTES_PER_S, flops / peak) * 1e3
+
+
+def main(argv: Optional[List[str]] = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--shapes", nargs="*", default=list(SHAPES))
     p.add_argument("--M", nargs="*", type=int, default=[1, 16, 256, 4096])
-    p.add_argument("--schemes", nargs="*", default=["bf16", "fp8_w8a16_channel", "int4_w4a16_g128", "mxfp4_w4a16"])
-    p.add_argument("--out", default=None)
+    p.add_argument("--schemes", nargs="*", default=None, help="default: every scheme")
+    p.add_argument("--reps", type=int, default=10)
+    p.add_argument("--json", default=None, help="append result rows (JSON lines) to this file")
+    p.add_argument("--no-dequant", action="store_true", help="skip the dequant+grouped_mm path")
     args = p.parse_args(argv)
-
-    from torch_moe_quant.kernels.fused_experts import fused_experts_triton
-
+    schemes = args.schemes or list(tmq.SCHEMES)
     dev = torch.device("cuda")
-    torch.manual_seed(0)
-    rows: List[str] = [
-        "| shape | M | scheme | triton ms | bf16 grouped_mm ms | dequant+grouped_mm ms | speed-up vs bf16 | % of roofline | rel err |",
-        "|---|---|---|---|---|---|---|---|---|",
-    ]
+    timer = Timer(args.reps)
+    print(f"# {torch.cuda.get_device_name()} · torch {torch.__version__} · command: "
+          f"python bench/moe_bench.py {' '.join(sys.argv[1:] if argv is None else argv)}", flush=True)
+    print("| shape | M | scheme | fwd ms | gemms ms | host us | bf16 ms | dequant ms | vs bf16 | vs dequant "
+          "| % roofline | err |", flush=True)
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|", flush=True)
     for sname in args.shapes:
         shape = SHAPES[sname]
-        t0 = time.time()
-        w13 = (torch.randn(shape.E, 2 * shape.I, shape.H, device=dev) / shape.H**0.5).bfloat16()
-        w2 = (torch.randn(shape.E, shape.H, shape.I, device=dev) / shape.I**0.5).bfloat16()
-        b13 = torch.randn(shape.E, 2 * shape.I, device=dev).bfloat16() * 0.1 if shape.bias else None
-        b2 = torch.randn(shape.E, shape.H, device=dev).bfloat16() * 0.1 if shape.bias else None
+        t_shape = time.time()
+        w13, w2, b13, b2 = make_weights(shape, dev)
+        inputs = {}
         for M in args.M:
-            x = torch.randn(M, shape.H, device=dev).bfloat16()
-            logits = torch.randn(M, shape.E, device=dev)
-            tw, ids = tmq.route(logits, shape.top_k, "softmax_topk_renormalize")
-            base_ms = bench_ms(lambda: grouped_mm_moe(x, w13, w2, tw, ids, shape, b13, b2))
-            for scheme in args.schemes:
-                experts = tmq.quantize_experts(
-                    w13, w2, scheme, w13_bias=b13, w2_bias=b2, layout=shape.layout, pad_to=128
-                )
-                Hp = experts.padded_hidden_size
-
-                def dequant_path():
-                    d13 = dequantize_weight(experts.w13, torch.bfloat16)
-                    d2 = dequantize_weight(experts.w2, torch.bfloat16)
-                    xp = F.pad(x, (0, Hp - shape.H))
-                    return grouped_mm_moe(xp, d13, d2, tw, ids, shape, experts.w13_bias, experts.w2_bias)[:, : shape.H]
-
-                def triton_path():
-                    return fused_experts_triton(x, experts, tw, ids, activation=shape.activation)
-
-                out = triton_path()
-                err = rel_err(out, dequant_path())
-                tri_ms = bench_ms(triton_path)
-                deq_ms = bench_ms(dequant_path)
-                per_expert = experts.nbytes / shape.E
-                floor = roofline_ms(shape, M, ids, per_expert)
-                rows.append(
-                    f"| {sname} | {M} | {scheme} | {tri_ms:.3f} | {base_ms:.3f} | {deq_ms:.3f} | "
-                    f"{base_ms / tri_ms:.2f}x | {100 * floor / tri_ms:.0f}% | {err:.1e} |"
-                )
-                print(rows[-1], flush=True)
-                del experts
+            g = torch.Generator(device=dev).manual_seed(M)
+            x = torch.randn(M, shape.H, generator=g, device=dev).bfloat16()
+            logits = torch.randn(M, shape.E, generator=g, device=dev)
+            tw, ids = route_for(shape, logits)
+            base = timer.graph_ms(lambda: grouped_mm_moe(x, w13, w2, tw, ids, shape, b13, b2))
+            inputs[M] = (x, tw, ids, base)
+        for scheme_name in schemes:
+            scheme = tmq.get_scheme(scheme_name)
+            kw = dict(w13_bias=b13, w2_bias=b2, layout=shape.layout, pad_to=128)
+            if scheme.static_activation:
+                x0, tw0, ids0, _ = inputs[max(args.M)]
+                a13, a2 = _calibrate(x0, w13, w2, scheme, tw0, ids0, shape, b13, b2)
+                kw.update(a13_scale=a13, a2_scale=a2)
+            try:
+                experts = tmq.quantize_experts(w13, w2, scheme, **kw)
+            except torch.OutOfMemoryError:
+                print(f"| {sname} | - | {scheme_name} | quantize OOM |", flush=True)
                 torch.cuda.empty_cache()
-        print(f"# {sname}: {time.time() - t0:.0f} s", flush=True)
-        del w13, w2
+                continue
+            for M in args.M:
+                x, tw, ids, base = inputs[M]
+                row = measure(timer, shape, M, scheme, experts, x, tw, ids, base, not args.no_dequant)
+                print(_md(row), flush=True)
+                if args.json:
+                    with open(args.json, "a") as f:
+                        f.write(json.dumps(row) + "\n")
+            del experts
+            torch.cuda.empty_cache()
+        print(f"# {sname}: {time.time() - t_shape:.0f} s", flush=True)
+        del w13, w2, b13, b2, inputs
         torch.cuda.empty_cache()
-    table = "\n".join(rows)
-    print(table)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(f"{torch.cuda.get_device_name()} · torch {torch.__version__}\n\n")
-            f.write("Command: `python bench/moe_bench.py " + " ".join(sys.argv[1:] if argv is None else argv) + "`\n\n" + table + "\n")
+    return 0
+
+
+def _calibrate(x, w13, w2, scheme, tw, ids, shape, b13, b2):
+    """Static activation scales from the largest batch on the first 16
+    experts (the fp32 reference of a whole deepseek-size layer would not fit):
+    a pair routed elsewhere is sent to expert 0 with weight 0, so every token
+    still feeds the first GEMM's scale and the second sees real activations."""
+    used = torch.arange(min(16, shape.E), device=ids.device)
+    sub_ids = torch.where(ids < used.numel(), ids, 0)
+    sub_tw = torch.where(ids < used.numel(), tw, 0.0)
+    sl = lambda t: None if t is None else t[used]  # noqa: E731
+    return tmq.calibrate_activation_scales(
+        x, w13[used], w2[used], scheme, sub_tw, sub_ids, activation=shape.activation,
+        w13_bias=sl(b13), w2_bias=sl(b2), layout=shape.layout,
+    )
+
+
+def measure(timer: Timer, shape: Shape, M: int, scheme, experts, x, tw, ids, base_ms: float, dequant: bool) -> Dict:
+    from torch_moe_quant.kernels.align import align_triton
+    from torch_moe_quant.kernels.config import GemmProblem, select_config
+    from torch_moe_quant.kernels.moe_gemm import ARows, DroppedRows, moe_gemm
+    from torch_moe_quant.reference import activation_qdq
+
+    act = Activation(shape.activation)
+
+    def fwd():
+        return tmq.fused_moe(x, experts, tw, ids, activation=act)
+
+    out = fwd()
+    rows = torch.randperm(M, generator=torch.Generator().manual_seed(0))[:REF_ROWS].to(x.device)
+    err = rel_err(out[rows], reference_on_touched(x[rows], experts, tw[rows], ids[rows], act))
+    fwd_ms = timer.graph_ms(fwd)
+    host = timer.host_us(fwd) if M == 1 else None
+
+    # the two GEMMs alone, inputs prepared as the pipeline does
+    E, Hp = experts.num_experts, experts.padded_hidden_size
+    xp = torch.nn.functional.pad(x, (0, Hp - x.shape[1]))
+    spec = experts.scheme.activation
+    cfg13 = select_config(GemmProblem(M, experts.w13.shape[1], Hp, E, shape.top_k, x.dtype), experts.scheme, x.device)
+    cfg2 = select_config(GemmProblem(M, Hp, experts.padded_intermediate_size, E, shape.top_k, x.dtype), experts.scheme, x.device)
+    al13 = align_triton(ids, E, cfg13.block_m)
+    al2 = align_triton(ids, E, cfg2.block_m)
+    a1 = (xp if spec is None else activation_qdq(spec, experts.a13_scale)(xp)).to(x.dtype)
+    g1 = dict(top_k=shape.top_k, a_rows=ARows.TOKENS, bias=experts.w13_bias, config=cfg13, activation=act,
+              layout=experts.layout, dropped=DroppedRows.UNWRITTEN, out_dtype=x.dtype)
+    a2 = moe_gemm(a1, experts.w13, *al13, **g1)
+    g2 = dict(top_k=shape.top_k, a_rows=ARows.PAIRS, bias=experts.w2_bias, topk_weights=tw, config=cfg2,
+              dropped=DroppedRows.UNWRITTEN, out_dtype=x.dtype)
+    gemms_ms = timer.graph_ms(lambda: (moe_gemm(a1, experts.w13, *al13, **g1), moe_gemm(a2, experts.w2, *al2, **g2)))
+
+    deq_ms = None
+    if dequant:
+        def dequant_path():
+            d13 = dequantize_weight(experts.w13, torch.bfloat16)
+            d2 = dequantize_weight(experts.w2, torch.bfloat16)
+            return grouped_mm_moe(xp, d13, d2, tw, ids, shape, experts.w13_bias, experts.w2_bias)
+
+        try:
+            deq_ms = timer.graph_ms(dequant_path)
+        except torch.OutOfMemoryError:
+            deq_ms = "OOM"
+        except RuntimeError as e:  # e.g. a dequantize that cannot be graph-captured
+            deq_ms = f"n/a ({str(e).splitlines()[0][:60]})"
+            torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+    floor = roofline_ms(shape, M, touched_bytes(experts, ids), experts.scheme)
+    return dict(
+        shape=shape.name, M=M, scheme=experts.scheme.name, fwd_ms=fwd_ms, gemms_ms=gemms_ms, host_us=host,
+        bf16_ms=base_ms, dequant_ms=deq_ms, speedup_bf16=base_ms / fwd_ms,
+        speedup_dequant=deq_ms / fwd_ms if isinstance(deq_ms, float) else None,
+        roofline_pct=100 * floor / fwd_ms, err=err, bound=bound(experts.scheme), ok=err < bound(experts.scheme),
+        device=torch.cuda.get_device_name(),
+    )
+
+
+#: tokens compared with the reference (each token's output depends on its own
+#: row only, so a random subset checks the kernel at M=4096 at 1/16 the cost)
+REF_ROWS = 256
+_LOW_BIT_ACT = (Format.MXFP4, Format.NVFP4, Format.MXFP6_E2M3, Format.MXFP6_E3M2)
+
+
+def bound(scheme) -> float:
+    """Relative Frobenius error bound vs the fp32 reference (see gpu_check.py
+    for where each number comes from)."""
+    act = scheme.activation
+    if act is None:
+        return 1e-2
+    return 6e-2 if act.fmt in _LOW_BIT_ACT else 3e-2
+
+
+def reference_on_touched(x, experts, tw, ids, act, chunk: int = 32) -> torch.Tensor:
+    """``reference.fused_moe`` (fp32 math), computed ``chunk`` experts at a time
+    with an ``expert_map`` per chunk and summed: the fp32 dequantized weights
+    of a whole deepseek-size layer (45 GB) never exist at once."""
+    from torch_moe_quant.reference import fused_moe as reference_moe
+
+    E = experts.num_experts
+    out = torch.zeros(x.shape[0], x.shape[1], dtype=torch.float32, device=x.device)
+    for lo in torch.unique(ids.long() // chunk).tolist():
+        lo = lo * chunk
+        hi = min(E, lo + chunk)
+        emap = torch.full((E,), -1, dtype=torch.int32, device=x.device)
+        emap[lo:hi] = torch.arange(hi - lo, dtype=torch.int32, device=x.device)
+        sub = slice_experts(experts, lo, hi)
+        out += reference_moe(x.float(), sub, tw, ids, activation=act, expert_map=emap)
+    return out
+
+
+def slice_experts(experts, lo: int, hi: int):
+    """Experts ``[lo, hi)`` of a ``QuantizedExperts`` (every tensor with a
+    leading expert dim is sliced; per-tensor activation scales are shared)."""
+    E = experts.num_experts
+
+    def cut(t):
+        if isinstance(t, torch.Tensor) and t.dim() and t.shape[0] == E:
+            return t[lo:hi]
+        return t
+
+    def cut_weight(w):
+        if isinstance(w, torch.Tensor):
+            return w[lo:hi]
+        fields = {k: cut(v) for k, v in w.tensors.items()}
+        return dataclasses.replace(w, shape=(hi - lo, *w.shape[1:]), **fields)
+
+    return dataclasses.replace(
+        experts, w13=cut_weight(experts.w13), w2=cut_weight(experts.w2),
+        w13_bias=cut(experts.w13_bias), w2_bias=cut(experts.w2_bias),
+    )
+
+
+def _fmt(v, spec: str) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, str):
+        return v
+    return format(v, spec)
+
+
+def _md(r: Dict) -> str:
+    return (
+        f"| {r['shape']} | {r['M']} | {r['scheme']} | {_fmt(r['fwd_ms'], '.3f')} | {_fmt(r['gemms_ms'], '.3f')} "
+        f"| {_fmt(r['host_us'], '.0f')} | {_fmt(r['bf16_ms'], '.3f')} | {_fmt(r['dequant_ms'], '.3f')} "
+        f"| {_fmt(r['speedup_bf16'], '.2f')}x | {_fmt(r['speedup_dequant'], '.2f')}x "
+        f"| {_fmt(r['roofline_pct'], '.0f')}% | {r['err']:.1e}{'' if r['ok'] else ' FAIL'} |"
+    )
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

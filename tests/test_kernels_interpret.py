@@ -41,6 +41,10 @@ from torch_moe_quant.kernels import (  # noqa: E402
     supported_weight_formats,
 )
 from torch_moe_quant.kernels import _operand  # noqa: E402
+from torch_moe_quant.kernels.align import MAX_CHUNKS, align_triton, chunk_for  # noqa: E402
+from torch_moe_quant.kernels.combine import combine_topk, combine_topk_ref  # noqa: E402
+from torch_moe_quant.kernels.moe_gemm import DroppedRows  # noqa: E402
+from torch_moe_quant.ops.routing import align_reference  # noqa: E402
 from torch_moe_quant.kernels._operand import ScaleCodec, ScaleMode, WeightOperand  # noqa: E402
 from torch_moe_quant.kernels.config import k_group  # noqa: E402
 from torch_moe_quant.schemes import ActOrder  # noqa: E402
@@ -174,16 +178,17 @@ def test_kernels_call_only_triton_builtins():
     import triton.language as tl
     from triton.runtime.jit import JITFunction
 
-    from torch_moe_quant.kernels import _gemm_kernel
+    from torch_moe_quant.kernels import _align_kernel, _combine_kernel, _gemm_kernel
 
-    with open(_gemm_kernel.__file__) as f:
-        tree = ast.parse(f.read())
-    used = {
-        node.attr for node in ast.walk(tree)
-        if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id == "tl"
-    }
-    assert "load" in used
-    assert not sorted(n for n in used if isinstance(getattr(tl, n), JITFunction))
+    for module in (_gemm_kernel, _align_kernel, _combine_kernel):
+        with open(module.__file__) as f:
+            tree = ast.parse(f.read())
+        used = {
+            node.attr for node in ast.walk(tree)
+            if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id == "tl"
+        }
+        assert "load" in used
+        assert not sorted(n for n in used if isinstance(getattr(tl, n), JITFunction)), module.__name__
 
 
 def test_every_format_has_a_kernel_path():
@@ -329,6 +334,27 @@ def test_kernel_decodes_every_code_bit_exactly(fmt, block_k):
         assert torch.equal(got, want), (got - want).abs().max()
 
 
+@pytest.mark.parametrize("fmt", [Format.FP8_E4M3, Format.MXFP8, Format.NVFP4], ids=lambda f: f.value)
+def test_sm80_fp8_decode_from_bits_is_exact(fmt, monkeypatch):
+    """GPUs without fp8 conversions (sm80) decode e4m3 codes and nvfp4's e4m3
+    scales in integer arithmetic (``FP8_NATIVE=False``): random codes
+    (subnormals, max, -0) give the same values as the hardware-cast path."""
+    import importlib
+
+    moe_gemm_module = importlib.import_module("torch_moe_quant.kernels.moe_gemm")  # not the function
+    e, n, k = 2, 32, 64
+    q = _random_codes(fmt, e, n, k, torch.Generator().manual_seed(7), (100, 140))
+    ids = torch.arange(e, dtype=torch.int32).repeat(k, 1)
+    cfg = KernelConfig(16, 32, 16)
+    aligned = torch.ops.moe_quant.align(ids, e, cfg.block_m)
+    run = lambda: moe_gemm(torch.eye(k), q, *aligned, top_k=e, a_rows=ARows.TOKENS, config=cfg)  # noqa: E731
+    native = run()
+    monkeypatch.setattr(moe_gemm_module, "fp8_native", lambda device: False)
+    from_bits = run()
+    assert torch.equal(native.isnan(), from_bits.isnan())
+    assert torch.equal(native.nan_to_num(), from_bits.nan_to_num())
+
+
 def test_nan_scales_and_codes_poison_their_columns():
     g = torch.Generator().manual_seed(9)
     q = _random_codes(Format.MXFP4, 2, 32, 64, g, (100, 140))
@@ -462,6 +488,105 @@ def test_fused_experts_default_config():
     experts = _experts("int4_w4a16_g128")
     out = fused_experts_triton(x, experts, topk_w, ids)  # select_config for the CPU device
     assert rel_err(out, reference.fused_moe(x, experts, topk_w, ids)) < 1e-3
+
+
+# ---------------------------------------------------------------- epilogue activation, align, combine
+
+
+EPILOGUES = [(a, l) for a in tmq.Activation for l in tmq.GateUpLayout if a.is_gated] + [
+    (a, tmq.GateUpLayout.GATE_UP) for a in tmq.Activation if not a.is_gated
+]
+
+
+@pytest.mark.parametrize("activation, layout", EPILOGUES, ids=lambda v: v.value)
+def test_moe_gemm_activation_epilogue(activation, layout):
+    """The activation in GEMM1's epilogue (gate/up rows gathered per tile,
+    split after the dot) equals ``apply_activation`` on the twin's output;
+    fp32 operands, so only the accumulation order differs. Values are scaled
+    so the swiglu clamps at +-7 are crossed."""
+    w = _float_weight() * 8
+    topk_w, ids = _routing(5)
+    a = _randn(5, K, seed=3)
+    aligned = torch.ops.moe_quant.align(ids, E, TILE.block_m)
+    kwargs = dict(
+        top_k=TOP_K, a_rows=ARows.TOKENS, bias=_randn(E, N, seed=4), config=TILE,
+        activation=activation, layout=layout, out_dtype=torch.float32,
+    )
+    out = moe_gemm(a, w, *aligned, **kwargs)
+    ref = moe_gemm_ref(a, w, *aligned, **kwargs)
+    assert out.shape == (5 * TOP_K, N // 2 if activation.is_gated else N)
+    assert rel_err(out, ref) < EXACT_TOL, rel_err(out, ref)
+
+
+def test_moe_gemm_dropped_rows_unwritten_leaves_only_routed_rows():
+    emap = torch.tensor([0, -1, 1, -1, 2, -1, 3, -1], dtype=torch.int32)
+    topk_w, ids = _routing(6, num_experts=8)
+    a = _randn(6, K, seed=3)
+    aligned = torch.ops.moe_quant.align(ids, E, TILE.block_m, emap)
+    kw = dict(top_k=TOP_K, a_rows=ARows.TOKENS, config=TILE, out_dtype=torch.float32)
+    zero = moe_gemm(a, _float_weight(), *aligned, **kw)
+    unwritten = moe_gemm(a, _float_weight(), *aligned, dropped=DroppedRows.UNWRITTEN, **kw)
+    on_rank = (emap[ids.long()] >= 0).reshape(-1)
+    assert torch.equal(zero[on_rank], unwritten[on_rank])
+    assert torch.equal(zero[~on_rank], torch.zeros_like(zero[~on_rank]))
+
+
+ALIGN_CASES = [
+    # (tokens, top_k, num_experts, block_size, expert_map)
+    (1, 2, 4, 16, None),
+    (7, 2, 4, 16, None),
+    (33, 4, 8, 16, None),
+    (5, 8, 130, 16, None),  # E not a power of two, most experts empty
+    (40, 2, 8, 64, None),
+    (9, 2, 4, 16, (0, -1, 1, -1, 2, -1, 3, -1)),
+    (300, 8, 8, 16, None),  # more pairs than MAX_CHUNKS chunks: align_sorted
+]
+
+
+@pytest.mark.parametrize("ids_dtype", [torch.int32, torch.int64])
+@pytest.mark.parametrize("case", ALIGN_CASES, ids=str)
+def test_align_triton_equals_align_reference(case, ids_dtype):
+    tokens, top_k, num_experts, block, emap = case
+    emap = None if emap is None else torch.tensor(emap, dtype=torch.int32)
+    num_global = num_experts if emap is None else emap.numel()
+    _, ids = _routing(tokens, num_global, top_k, seed=tokens)
+    ids = ids.to(ids_dtype)
+    got = align_triton(ids, num_experts, block, emap)
+    want = align_reference(ids, num_experts, block, emap)
+    for g, w in zip(got, want):
+        assert g.dtype == w.dtype and torch.equal(g, w)
+
+
+def test_align_triton_single_program_bound():
+    # the largest input the one-program kernel takes, and its chunking, are what the docs say
+    assert chunk_for(256) == 32 and chunk_for(8) == 512 and chunk_for(4) == 512
+    ids = torch.zeros(MAX_CHUNKS * chunk_for(4), 1, dtype=torch.int32)  # all pairs to expert 0
+    got = align_triton(ids, 4, 16)
+    want = align_reference(ids, 4, 16)
+    assert all(torch.equal(g, w) for g, w in zip(got, want))
+
+
+def test_align_triton_rejects_out_of_range_ids():
+    with pytest.raises(ValueError, match=r"topk_ids must be in \[0, 4\)"):
+        align_triton(torch.tensor([[0, 4]], dtype=torch.int32), 4, 16)
+
+
+@pytest.mark.parametrize("expert_map", [None, (0, -1, 1, -1, 2, -1, 3, -1)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_combine_topk_equals_twin(dtype, expert_map):
+    emap = None if expert_map is None else torch.tensor(expert_map, dtype=torch.int32)
+    num_global = E if emap is None else emap.numel()
+    _, ids = _routing(7, num_global)
+    y = _randn(7 * TOP_K, 1100, seed=2).to(dtype)  # two h-blocks, the second partial
+    kw = dict(num_experts=E, hidden=1030, expert_map=emap)
+    got = combine_topk(y, ids, out_dtype=torch.float32, **kw)
+    assert got.shape == (7, 1030) and got.dtype == torch.float32
+    assert torch.equal(got, combine_topk_ref(y, ids, out_dtype=torch.float32, **kw))  # same fp32 sums
+    # the interpreter's fp32 -> bf16 cast truncates (measured: 1 ulp off torch's
+    # round-to-nearest on ~half the elements), so bf16 outputs agree to a bf16 ulp
+    bf = combine_topk(y, ids, out_dtype=torch.bfloat16, **kw)
+    assert bf.dtype == torch.bfloat16
+    assert rel_err(bf, got) < 2**-8
 
 
 # ---------------------------------------------------------------- errors

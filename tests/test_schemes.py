@@ -2,9 +2,12 @@
 
 import math
 
+import torch
+
 import pytest
 
 import torch_moe_quant as tmq
+from torch_moe_quant import quantize_experts
 from torch_moe_quant.formats import Format
 from torch_moe_quant.tools.accuracy import RandomLayer, scheme_sqnr
 
@@ -101,3 +104,24 @@ def test_sqnr_floor(name):
     print(f"{name}: {db:.2f} dB")
     assert math.isfinite(db) or scheme.weight.fmt is None
     assert db >= floor_db(scheme), f"{name}: SQNR {db:.2f} dB < floor {floor_db(scheme)} dB"
+
+
+@pytest.mark.parametrize(
+    "name", ["int4_w4a16_gptq_g128_actorder", "nvfp4_w4a16", "fp8_w8a8_tensor_token", "int4_w4a16_g128_zp", "mxfp4_w4a16"]
+)
+def test_quantize_experts_in_expert_chunks_is_identical(name, monkeypatch):
+    """Large weights are quantized a few experts at a time (``CHUNK_ELEMENTS``,
+    to bound the formats' fp32 intermediates on a GPU): every tensor of the
+    result is identical to quantizing the whole weight at once."""
+    from torch_moe_quant import experts as experts_module
+
+    g = torch.Generator().manual_seed(0)
+    w13, w2 = torch.randn(6, 256, 128, generator=g), torch.randn(6, 128, 128, generator=g)
+    whole = quantize_experts(w13, w2, name)
+    monkeypatch.setattr(experts_module, "CHUNK_ELEMENTS", 256 * 128 * 2)  # 2 experts of w13 per chunk
+    chunked = quantize_experts(w13, w2, name)
+    for field in ("w13", "w2"):
+        a, b = getattr(whole, field), getattr(chunked, field)
+        assert a.shape == b.shape and a.tensors.keys() == b.tensors.keys()
+        for key, t in a.tensors.items():
+            assert torch.equal(t, b.tensors[key]), (field, key)

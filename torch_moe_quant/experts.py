@@ -256,10 +256,31 @@ def act_order_g_idx(w: torch.Tensor, group_size: int) -> torch.Tensor:
     return (rank // group_size).to(torch.int32)
 
 
+#: experts quantized at once: the formats' fp32/int32 intermediates of one
+#: chunk stay near 1 GiB (a whole gpt-oss-120b w13, 2.1e9 elements, ran out
+#: of an H100's 80 GB in one piece). Every granularity's scales are per expert
+#: or finer, so chunking along E gives the same codes and scales.
+CHUNK_ELEMENTS = 1 << 28
+
+
 def _quantize_weight(scheme: Scheme, w: torch.Tensor) -> Weight:
     spec = scheme.weight
     if spec.fmt is None:
         return w.to(spec.float_dtype)
+    per_expert = max(1, w[0].numel())
+    step = max(1, CHUNK_ELEMENTS // per_expert)
+    if w.shape[0] <= step:
+        return _quantize_chunk(scheme, w)
+    parts = [_quantize_chunk(scheme, c) for c in w.split(step, dim=0)]
+    fields = {
+        name: torch.cat([getattr(q, name) for q in parts], dim=0)
+        for name in parts[0].tensors
+    }
+    return dataclasses.replace(parts[0], shape=tuple(w.shape), **fields)
+
+
+def _quantize_chunk(scheme: Scheme, w: torch.Tensor) -> Weight:
+    spec = scheme.weight
     options = {}
     if spec.rounding is not None:
         options["rounding"] = spec.rounding

@@ -24,6 +24,8 @@ values that are exact in float32.
 
 from __future__ import annotations
 
+import functools
+
 import dataclasses
 import math
 from typing import Tuple
@@ -146,7 +148,16 @@ def encode(x: torch.Tensor, fmt: ElementFormat) -> torch.Tensor:
 
 def value_table(fmt: ElementFormat, device=None) -> torch.Tensor:
     """float32 ``[2**bits]``: the value of every code (``-0.0`` for the
-    negative zero code, NaN for codes above ``max_code``)."""
+    negative zero code, NaN for codes above ``max_code``). Cached per device
+    (a host-to-device copy is not allowed inside CUDA graph capture); callers
+    must not modify it."""
+    if torch.compiler.is_compiling():
+        return torch.tensor(fmt.table, dtype=torch.float32, device=device)
+    return _cached_table(fmt, torch.device(device) if device is not None else torch.device("cpu"))
+
+
+@functools.lru_cache(maxsize=None)
+def _cached_table(fmt: ElementFormat, device: torch.device) -> torch.Tensor:
     return torch.tensor(fmt.table, dtype=torch.float32, device=device)
 
 

@@ -273,11 +273,18 @@ def check_granularity(name: str, g: Granularity, rows: int, cols: int) -> None:
         )
 
 
+def cuda_capturing() -> bool:
+    """Whether the current CUDA stream is capturing a graph (host syncs are
+    errors there, so value checks are skipped)."""
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+
+
 def values_available(*tensors: Optional[torch.Tensor]) -> bool:
     """True when the values of ``tensors`` can be read: not while
-    ``torch.compile`` traces, and not for fake or meta tensors (fake impls).
+    ``torch.compile`` traces, not while a CUDA graph is captured (a host sync
+    there is an error), and not for fake or meta tensors (fake impls).
     Value checks (NaN, ids in range) run only then; shape/dtype checks always."""
-    if torch.compiler.is_compiling():
+    if torch.compiler.is_compiling() or cuda_capturing():
         return False
     from torch._subclasses.fake_tensor import FakeTensor
 

@@ -28,7 +28,7 @@ import triton
 import triton.language as tl
 
 from ._operand import ElementCodec, ScaleCodec, ScaleMode
-from .moe_gemm import ARows
+from .moe_gemm import ARows, EpilogueAct
 
 #: torch compute dtype -> the ``COMPUTE`` constexpr of ``tl.dot`` operands.
 TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
@@ -37,6 +37,20 @@ FP32_DOT_PRECISION = "ieee"
 
 # Enum values as kernel globals (the kernel compares constexprs against names).
 _TOKENS = tl.constexpr(ARows.TOKENS.value)
+_ACT_NONE = tl.constexpr(EpilogueAct.NONE.value)
+_ACT_SILU = tl.constexpr(EpilogueAct.SILU.value)
+_ACT_GELU = tl.constexpr(EpilogueAct.GELU.value)
+_ACT_GELU_TANH = tl.constexpr(EpilogueAct.GELU_TANH.value)
+_ACT_SWIGLUOAI = tl.constexpr(EpilogueAct.SWIGLUOAI.value)
+_ACT_SWIGLUSTEP = tl.constexpr(EpilogueAct.SWIGLUSTEP.value)
+_ACT_RELU2 = tl.constexpr(EpilogueAct.RELU2.value)
+_ACT_SILU_NO_MUL = tl.constexpr(EpilogueAct.SILU_NO_MUL.value)
+_ACT_GELU_NO_MUL = tl.constexpr(EpilogueAct.GELU_NO_MUL.value)
+#: ``GATE`` constexpr: rows of the gate/up halves (``activations.GateUpLayout``)
+_GATE_UP = tl.constexpr(0)
+_UP_GATE = tl.constexpr(1)
+_INTERLEAVED = tl.constexpr(2)
+_SWIGLU_LIMIT = tl.constexpr(7.0)
 _EL_FLOAT = tl.constexpr(ElementCodec.FLOAT.value)
 _EL_FP8 = tl.constexpr(ElementCodec.FP8_E4M3.value)
 _EL_INT8 = tl.constexpr(ElementCodec.INT8.value)
@@ -58,14 +72,6 @@ _F32_QNAN = tl.constexpr(0x7FC00000)
 
 
 @triton.jit
-def _e4m3_to_f32(bits):
-    """uint8 e4m3fn bit patterns -> fp32 (``0x7F``/``0xFF`` are NaN; the
-    interpreter's fp8 cast decodes them as ±480, so they are set here)."""
-    v = bits.to(tl.float8e4nv, bitcast=True).to(tl.float32)
-    return tl.where((bits & 0x7F) == 0x7F, float("nan"), v)
-
-
-@triton.jit
 def _minifloat_to_f32(code, EBITS: tl.constexpr, MBITS: tl.constexpr):
     """int32 codes of a sign-magnitude float with no inf/NaN codes (e2m1,
     e2m3, e3m2) -> fp32, exactly: normal numbers are built from their bits,
@@ -83,6 +89,19 @@ def _minifloat_to_f32(code, EBITS: tl.constexpr, MBITS: tl.constexpr):
 
 
 @triton.jit
+def _e4m3_to_f32(bits, FP8_NATIVE: tl.constexpr):
+    """uint8 e4m3fn bit patterns -> fp32 (``0x7F``/``0xFF`` are NaN). With
+    ``FP8_NATIVE`` (sm89+ and the interpreter) through the hardware fp8 cast,
+    else from the bits (sm80 has no fp8 conversion); both exact. The
+    interpreter's fp8 cast decodes the NaN codes as +-480, so they are set here."""
+    if FP8_NATIVE:
+        v = bits.to(tl.float8e4nv, bitcast=True).to(tl.float32)
+    else:
+        v = _minifloat_to_f32(bits.to(tl.int32), 4, 3)
+    return tl.where((bits & 0x7F) == 0x7F, float("nan"), v)
+
+
+@triton.jit
 def _unpack(words, BITS: tl.constexpr, PER_WORD: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
     """``[BLOCK_K // PER_WORD, BLOCK_N]`` int32 words -> ``[BLOCK_K, BLOCK_N]``
     codes: code ``j`` of word ``i`` (bits ``j * BITS``) is row ``i * PER_WORD + j``."""
@@ -94,7 +113,7 @@ def _unpack(words, BITS: tl.constexpr, PER_WORD: tl.constexpr, BLOCK_K: tl.const
 @triton.jit
 def _load_weight(
     w_ptr, k0, K, offs_n, n_ok, stride_wn, stride_wk,
-    ELEMENT: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
+    ELEMENT: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, FP8_NATIVE: tl.constexpr,
 ):
     """The ``[BLOCK_K, BLOCK_N]`` tile ``W[offs_n, k0:k0 + BLOCK_K]^T`` before
     scaling: raw values for ``FLOAT``, fp32 codes otherwise. Packed formats
@@ -127,7 +146,7 @@ def _load_weight(
         mask = (offs_k < K)[:, None] & n_ok[None, :]
         raw = tl.load(w_ptr + col + offs_k[:, None] * stride_wk, mask=mask, other=0)
         if ELEMENT == _EL_FP8:
-            w = _e4m3_to_f32(raw)
+            w = _e4m3_to_f32(raw, FP8_NATIVE)
         elif ELEMENT == _EL_INT8:
             w = raw.to(tl.float32)
         else:  # _EL_FLOAT
@@ -136,7 +155,7 @@ def _load_weight(
 
 
 @triton.jit
-def _decode_scale(raw, SCALE_CODEC: tl.constexpr):
+def _decode_scale(raw, SCALE_CODEC: tl.constexpr, FP8_NATIVE: tl.constexpr):
     """Stored scales -> fp32: e8m0 bytes as exact powers of two (255 = NaN),
     e4m3 bytes through ``_e4m3_to_f32``, float scales widened."""
     if SCALE_CODEC == _SC_E8M0:
@@ -144,10 +163,68 @@ def _decode_scale(raw, SCALE_CODEC: tl.constexpr):
         bits = tl.where(b == 0, _F32_2_POW_M127, b << 23)
         s = tl.where(b == 255, _F32_QNAN, bits).to(tl.float32, bitcast=True)
     elif SCALE_CODEC == _SC_E4M3:
-        s = _e4m3_to_f32(raw)
+        s = _e4m3_to_f32(raw, FP8_NATIVE)
     else:
         s = raw.to(tl.float32)
     return s
+
+
+@triton.jit
+def _sigmoid(x):
+    return 1.0 / (1.0 + tl.exp(-x))
+
+
+@triton.jit
+def _gelu(x):
+    return 0.5 * x * (1.0 + tl.math.erf(x * 0.7071067811865476))
+
+
+@triton.jit
+def _gelu_tanh(x):
+    inner = 0.7978845608028654 * (x + 0.044715 * x * x * x)
+    return 0.5 * x * (2.0 * _sigmoid(2.0 * inner))  # 1 + tanh(t) = 2 sigmoid(2t)
+
+
+@triton.jit
+def _min_nan(x, limit):
+    """``torch.clamp(x, max=limit)``: NaN stays NaN."""
+    return tl.where(x > limit, limit, x)
+
+
+@triton.jit
+def _clamp_nan(x, limit):
+    """``torch.clamp(x, -limit, limit)``: NaN stays NaN."""
+    return tl.where(x < -limit, -limit, _min_nan(x, limit))
+
+
+@triton.jit
+def _gated(gate, up, ACT: tl.constexpr):
+    """``activations.apply_activation`` of a gated ``ACT`` on fp32 halves."""
+    if ACT == _ACT_SILU:
+        out = gate * _sigmoid(gate) * up
+    elif ACT == _ACT_GELU:
+        out = _gelu(gate) * up
+    elif ACT == _ACT_GELU_TANH:
+        out = _gelu_tanh(gate) * up
+    elif ACT == _ACT_SWIGLUOAI:
+        g = _min_nan(gate, _SWIGLU_LIMIT)
+        out = (_clamp_nan(up, _SWIGLU_LIMIT) + 1.0) * (g * _sigmoid(g * 1.702))  # alpha = activations.SWIGLUOAI_ALPHA
+    else:  # _ACT_SWIGLUSTEP
+        out = _min_nan(gate * _sigmoid(gate), _SWIGLU_LIMIT) * _clamp_nan(up, _SWIGLU_LIMIT)
+    return out
+
+
+@triton.jit
+def _ungated(x, ACT: tl.constexpr):
+    """A non-gated ``ACT`` on fp32 values."""
+    if ACT == _ACT_RELU2:
+        r = tl.where(x < 0.0, 0.0, x)  # relu; NaN stays NaN
+        out = r * r
+    elif ACT == _ACT_SILU_NO_MUL:
+        out = x * _sigmoid(x)
+    else:  # _ACT_GELU_NO_MUL
+        out = _gelu(x)
+    return out
 
 
 @triton.jit
@@ -155,7 +232,7 @@ def moe_gemm_kernel(
     a_ptr, w_ptr, c_ptr,
     sorted_ids_ptr, block_expert_ptr, num_padded_ptr,
     scale_ptr, zp_ptr, g_idx_ptr, gs_ptr, bias_ptr, topk_w_ptr,
-    N, K, num_pairs, max_padded, num_experts, num_k_groups,
+    N, N_OUT, K, num_pairs, max_padded, num_experts, num_k_groups,
     stride_am, stride_ak,
     stride_we, stride_wn, stride_wk,
     stride_se, stride_sn, stride_sk,
@@ -175,6 +252,10 @@ def moe_gemm_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
+    ACT: tl.constexpr,
+    GATED: tl.constexpr,
+    GATE: tl.constexpr,
+    FP8_NATIVE: tl.constexpr,
 ):
     # ---- tile coordinates: grouped order, GROUP_M row tiles share weight columns
     pid = tl.program_id(0)
@@ -202,15 +283,30 @@ def moe_gemm_kernel(
         a_row = pair // TOP_K
     else:
         a_row = pair
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_ok = offs_n < N
+    if GATED:
+        # column j of the tile is output column o(j) = first + j // 2: its gate
+        # row for even j, its up row for odd j (GATE says where they live)
+        HALF_N: tl.constexpr = BLOCK_N // 2
+        j = tl.arange(0, BLOCK_N)
+        out_j = pid_n * HALF_N + j // 2
+        is_up = j % 2
+        if GATE == _INTERLEAVED:
+            offs_n = 2 * out_j + is_up
+        elif GATE == _GATE_UP:
+            offs_n = out_j + is_up * N_OUT
+        else:
+            offs_n = out_j + (1 - is_up) * N_OUT
+        n_ok = out_j < N_OUT
+    else:
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < N
 
     a_ptrs = a_ptr + a_row[:, None] * stride_am
     w_base = w_ptr + expert * stride_we
     s_col = (offs_n // SCALE_BLOCK_N) * stride_sn  # scale offset of each column
     if SCALE_MODE == _SM_PER_COLUMN:
         col_scale = _decode_scale(
-            tl.load(scale_ptr + expert * stride_se + s_col, mask=n_ok, other=0), SCALE_CODEC
+            tl.load(scale_ptr + expert * stride_se + s_col, mask=n_ok, other=0), SCALE_CODEC, FP8_NATIVE
         )
         if zp_ptr is not None:
             col_zp = tl.load(zp_ptr + expert * stride_se + s_col, mask=n_ok, other=0).to(tl.float32)
@@ -220,13 +316,13 @@ def moe_gemm_kernel(
         offs_k = k0 + tl.arange(0, BLOCK_K)
         k_ok = offs_k < K
         a = tl.load(a_ptrs + offs_k[None, :] * stride_ak, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-        w = _load_weight(w_base, k0, K, offs_n, n_ok, stride_wn, stride_wk, ELEMENT, BLOCK_K, BLOCK_N)
+        w = _load_weight(w_base, k0, K, offs_n, n_ok, stride_wn, stride_wk, ELEMENT, BLOCK_K, BLOCK_N, FP8_NATIVE)
         if SCALE_MODE == _SM_PER_COLUMN:
             if zp_ptr is not None:
                 w = w - col_zp[None, :]
         elif SCALE_MODE == _SM_PER_K_TILE:
             s_off = expert * stride_se + s_col + (k0 // SCALE_BLOCK_K) * stride_sk
-            tile_scale = _decode_scale(tl.load(scale_ptr + s_off, mask=n_ok, other=0), SCALE_CODEC)
+            tile_scale = _decode_scale(tl.load(scale_ptr + s_off, mask=n_ok, other=0), SCALE_CODEC, FP8_NATIVE)
             if zp_ptr is not None:
                 w = w - tl.load(zp_ptr + s_off, mask=n_ok, other=0).to(tl.float32)[None, :]
         elif SCALE_MODE == _SM_PER_GROUP:
@@ -235,7 +331,7 @@ def moe_gemm_kernel(
             offs_g = k0 // SCALE_BLOCK_K + tl.arange(0, GROUPS)
             g_mask = (offs_g < num_k_groups)[:, None] & n_ok[None, :]
             s_off = expert * stride_se + s_col[None, :] + offs_g[:, None] * stride_sk
-            s = _decode_scale(tl.load(scale_ptr + s_off, mask=g_mask, other=0), SCALE_CODEC)
+            s = _decode_scale(tl.load(scale_ptr + s_off, mask=g_mask, other=0), SCALE_CODEC, FP8_NATIVE)
             w3 = tl.reshape(w, (GROUPS, SCALE_BLOCK_K, BLOCK_N))
             if zp_ptr is not None:
                 w3 = w3 - tl.load(zp_ptr + s_off, mask=g_mask, other=0).to(tl.float32)[:, None, :]
@@ -251,7 +347,7 @@ def moe_gemm_kernel(
                 bad_grp = offs_k < 0  # all False
             w_mask = k_ok[:, None] & n_ok[None, :]
             s_off = expert * stride_se + s_col[None, :] + grp[:, None] * stride_sk
-            s = _decode_scale(tl.load(scale_ptr + s_off, mask=w_mask, other=0), SCALE_CODEC)
+            s = _decode_scale(tl.load(scale_ptr + s_off, mask=w_mask, other=0), SCALE_CODEC, FP8_NATIVE)
             if zp_ptr is not None:
                 w = w - tl.load(zp_ptr + s_off, mask=w_mask, other=0).to(tl.float32)
             # a g_idx entry outside [0, groups) poisons its column with NaN (loud, never silent)
@@ -270,8 +366,18 @@ def moe_gemm_kernel(
     if bias_ptr is not None:
         bias = tl.load(bias_ptr + expert * stride_be + offs_n * stride_bn, mask=n_ok, other=0.0)
         acc = acc + bias.to(tl.float32)[None, :]
+    if GATED:
+        gate, up = tl.split(tl.reshape(acc, (BLOCK_M, BLOCK_N // 2, 2)))
+        acc = _gated(gate, up, ACT)
+        out_n = pid_n * (BLOCK_N // 2) + tl.arange(0, BLOCK_N // 2)
+        out_ok = out_n < N_OUT
+    else:
+        if ACT != _ACT_NONE:
+            acc = _ungated(acc, ACT)
+        out_n = offs_n
+        out_ok = n_ok
     if topk_w_ptr is not None:
         rw = tl.load(topk_w_ptr + pair, mask=row_ok, other=0.0)
         acc = acc * rw.to(tl.float32)[:, None]
-    c_ptrs = c_ptr + pair[:, None] * stride_cm + offs_n[None, :] * stride_cn
-    tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=row_ok[:, None] & n_ok[None, :])
+    c_ptrs = c_ptr + pair[:, None] * stride_cm + out_n[None, :] * stride_cn
+    tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=row_ok[:, None] & out_ok[None, :])

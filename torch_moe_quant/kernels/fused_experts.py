@@ -1,29 +1,33 @@
 """The whole MoE forward on the grouped GEMM: ``fused_experts_triton`` and
-its twin ``fused_experts_ref`` (same pipeline with ``moe_gemm_ref``).
+its twin ``fused_experts_ref`` (same pipeline on the plain-torch twins of
+each kernel).
 
 Pipeline (each step is the step of ``reference.moe_forward`` it replaces):
 
-1. validate as ``reference.fused_moe`` (``reference.validate_call``) and
-   zero-pad ``hidden_states`` to the experts' padded hidden size;
+1. validate as ``reference.fused_moe`` (``reference.validate_call``: one
+   host sync for the id range, skipped while compiling or capturing a CUDA
+   graph) and zero-pad ``hidden_states`` to the experts' padded hidden size;
 2. ``apply_router_weight_on_input`` (top_k = 1): scale each token in fp32;
 3. activation QDQ of the first GEMM's input when the scheme quantizes
-   activations (``reference.activation_qdq``, fp32), then cast to the
-   compute dtype (``hidden_states.dtype``);
-4. ``torch.ops.moe_quant.align(topk_ids, E, block_m, expert_map)``;
-5. GEMM1 (``w13`` + ``w13_bias``, rows = tokens) -> fp32 ``[M * k, N13]``;
-6. ``activations.apply_activation`` in torch (fp32), activation QDQ for the
-   second GEMM, cast to the compute dtype;
-7. GEMM2 (``w2`` + ``w2_bias``, rows = pairs, times the routing weight
-   unless it was applied on the input) -> fp32 ``[M * k, H_padded]``;
-8. sum over the k slots (torch), cut to ``hidden_size``, cast to
-   ``hidden_states.dtype``.
+   activations (``reference.activation_qdq``, fp32, torch), then cast to
+   the compute dtype (``hidden_states.dtype``);
+4. ``align.align_unchecked`` (one Triton program at decode sizes);
+5. GEMM1 (``w13`` + ``w13_bias``) with the activation in its epilogue ->
+   ``[M * k, I]``, in the compute dtype, or fp32 when the scheme quantizes
+   the second GEMM's input (QDQ in torch, then the cast);
+6. GEMM2 (``w2`` + ``w2_bias``, rows = pairs, times the routing weight
+   unless it was applied on the input) -> ``[M * k, H_padded]`` in the
+   compute dtype;
+7. ``combine.combine_topk``: sum over the k slots in fp32, cut to
+   ``hidden_size``, cast.
 
-Pairs routed to experts not on this rank (``expert_map[id] == -1``) are
-dropped by ``align`` and contribute zero. Weight formats without a kernel
-path raise ``NotImplementedError`` naming the format (``supported_weight_formats``).
-Differences from the reference are roundings only: GEMM inputs are rounded
-to the compute dtype (the reference multiplies in fp32), and fp32
-accumulation order differs.
+So a weight-only scheme at decode is four launches: align, two GEMMs, combine.
+Rows of pairs routed to experts not on this rank (``expert_map[id] == -1``)
+are never computed nor read. Weight formats without a kernel path raise
+``NotImplementedError`` naming the format (``supported_weight_formats``).
+Differences from the reference are roundings only: GEMM inputs and the
+per-pair outputs are rounded to the compute dtype (the reference keeps fp32),
+and fp32 accumulation order differs.
 """
 
 from __future__ import annotations
@@ -32,15 +36,34 @@ from typing import Callable, Dict, FrozenSet, Optional, Union
 
 import torch
 
-from ..activations import Activation, apply_activation
+import dataclasses
+
+from ..activations import Activation
 from ..experts import QuantizedExperts
 from ..formats.core import Format
 from ..reference import activation_qdq, validate_call
 from ._operand import CODECS, FLOAT_DTYPES, check_format_supported
 from .config import KernelConfig, GemmProblem, select_config
-from .moe_gemm import ARows, moe_gemm, moe_gemm_ref
+from .align import align_unchecked
+from .combine import combine_topk, combine_topk_ref
+from .moe_gemm import ARows, DroppedRows, moe_gemm, moe_gemm_ref
 
-Gemm = Callable[..., torch.Tensor]
+
+@dataclasses.dataclass(frozen=True)
+class _Steps:
+    """The three kernels of the pipeline: Triton or their torch twins."""
+
+    align: Callable
+    gemm: Callable[..., torch.Tensor]
+    combine: Callable[..., torch.Tensor]
+
+
+def _align_ref(topk_ids, num_experts, block_size, expert_map):
+    return torch.ops.moe_quant.align(topk_ids, num_experts, block_size, expert_map)
+
+
+_TRITON = _Steps(align_unchecked, moe_gemm, combine_topk)
+_REFERENCE = _Steps(_align_ref, moe_gemm_ref, combine_topk_ref)
 
 
 def supported_weight_formats() -> FrozenSet[Format]:
@@ -49,7 +72,7 @@ def supported_weight_formats() -> FrozenSet[Format]:
 
 
 def _run(
-    gemm: Gemm,
+    steps: _Steps,
     hidden_states: torch.Tensor,
     experts: QuantizedExperts,
     topk_weights: torch.Tensor,
@@ -93,25 +116,30 @@ def _run(
 
     def align(block_m: int) -> tuple:
         if block_m not in aligned:
-            aligned[block_m] = torch.ops.moe_quant.align(topk_ids, E, block_m, expert_map)
+            aligned[block_m] = steps.align(topk_ids, E, block_m, expert_map)
         return aligned[block_m]
 
     if apply_router_weight_on_input:
         x = x * topk_weights.to(x.dtype)[:, :1]
-    a1 = qdq13(x).to(cdt)
-    h = gemm(
+    a1 = (x if spec is None else qdq13(x)).to(cdt)
+    a2 = steps.gemm(
         a1, experts.w13, *align(cfg13.block_m), top_k=top_k, a_rows=ARows.TOKENS,
-        bias=experts.w13_bias, out_dtype=torch.float32, config=cfg13,
+        bias=experts.w13_bias, out_dtype=cdt if spec is None else torch.float32, config=cfg13,
+        activation=act, layout=experts.layout,
+        # the QDQ below reads every row (a garbage row could hold NaN): zero the dropped ones
+        dropped=DroppedRows.UNWRITTEN if spec is None else DroppedRows.ZERO,
     )
-    a2 = qdq2(apply_activation(h, act, experts.layout)).to(cdt)
-    y = gemm(
+    if spec is not None:
+        a2 = qdq2(a2).to(cdt)
+    y = steps.gemm(
         a2, experts.w2, *align(cfg2.block_m), top_k=top_k, a_rows=ARows.PAIRS,
         bias=experts.w2_bias,
         topk_weights=None if apply_router_weight_on_input else topk_weights,
-        out_dtype=torch.float32, config=cfg2,
+        out_dtype=cdt, config=cfg2, dropped=DroppedRows.UNWRITTEN,
     )
-    out = y.view(M, top_k, h_pad).sum(dim=1)
-    return out[:, : experts.hidden_size].to(cdt)
+    return steps.combine(
+        y, topk_ids, num_experts=E, hidden=experts.hidden_size, out_dtype=cdt, expert_map=expert_map
+    )
 
 
 def fused_experts_triton(
@@ -130,7 +158,7 @@ def fused_experts_triton(
     ``config`` (optional) is used for both GEMMs; by default each gets
     ``select_config``."""
     return _run(
-        moe_gemm, hidden_states, experts, topk_weights, topk_ids, activation, expert_map,
+        _TRITON, hidden_states, experts, topk_weights, topk_ids, activation, expert_map,
         apply_router_weight_on_input, config,
     )
 
@@ -146,9 +174,10 @@ def fused_experts_ref(
     apply_router_weight_on_input: bool = False,
     config: Optional[KernelConfig] = None,
 ) -> torch.Tensor:
-    """Twin of ``fused_experts_triton``: the same pipeline with ``moe_gemm_ref``."""
+    """Twin of ``fused_experts_triton``: the same pipeline on the torch twins
+    (``moe.quant.align`` op, ``moe_gemm_ref``, ``combine_topk_ref``)."""
     return _run(
-        moe_gemm_ref, hidden_states, experts, topk_weights, topk_ids, activation, expert_map,
+        _REFERENCE, hidden_states, experts, topk_weights, topk_ids, activation, expert_map,
         apply_router_weight_on_input, config,
     )
 

@@ -16,12 +16,18 @@ Contract (``E`` local experts, ``P`` (token, slot) pairs, pair index
   ``torch.ops.moe_quant.align(topk_ids, E, config.block_m, expert_map)``
   (sentinel pair ``P``, block expert ``-1`` = unused).
 * ``bias [E, N]`` (optional, any float dtype) is added, then the optional
-  routing weight ``topk_weights[p]`` (``[P]`` or ``[P // top_k, top_k]``)
-  multiplies the row.
+  ``activation`` (``activations.Activation``) is applied in fp32 in the
+  epilogue: a gated one reads the gate and up halves of the row as
+  ``layout`` (``GateUpLayout``) says and gives ``N / 2`` columns; then the
+  optional routing weight ``topk_weights[p]`` (``[P]`` or
+  ``[P // top_k, top_k]``) multiplies the row.
 
-Returns ``C [P, N]`` in ``out_dtype`` (default ``a.dtype``):
-``C[p] = (a[row(p)] @ W[e(p)].T + bias[e(p)]) * topk_weights[p]``. Rows of
-pairs that ``align`` dropped (expert not on this rank) are zero.
+Returns ``C [P, N_out]`` in ``out_dtype`` (default ``a.dtype``), ``N_out =
+N / 2`` for a gated activation and ``N`` otherwise:
+``C[p] = act(a[row(p)] @ W[e(p)].T + bias[e(p)]) * topk_weights[p]``. Rows of
+pairs that ``align`` dropped (expert not on this rank) are zero with
+``dropped=DroppedRows.ZERO`` (the default) and left unwritten (``torch.empty``,
+one memset less) with ``DroppedRows.UNWRITTEN``.
 
 Arithmetic: fp32 accumulation; ``tl.dot`` operands in ``a.dtype`` (fp32 dots
 use ``input_precision="ieee"``). Weight codes enter the dot exactly except in
@@ -46,6 +52,7 @@ from typing import Optional
 
 import torch
 
+from ..activations import Activation, GateUpLayout, apply_activation
 from ..fake_impls.shapes import align_shapes
 from ..formats.core import check_tensor
 from ..reference import dequantize_weight
@@ -58,6 +65,34 @@ class ARows(enum.IntEnum):
 
     TOKENS = 0  # a[token]; pair p reads row p // top_k (first GEMM)
     PAIRS = 1  # a[pair]; pair p reads row p (second GEMM)
+
+
+class EpilogueAct(enum.IntEnum):
+    """The activation applied in the epilogue (kernel constexpr ``ACT``)."""
+
+    NONE = 0
+    SILU = 1
+    GELU = 2
+    GELU_TANH = 3
+    SWIGLUOAI = 4
+    SWIGLUSTEP = 5
+    RELU2 = 6
+    SILU_NO_MUL = 7
+    GELU_NO_MUL = 8
+
+    @staticmethod
+    def of(activation: Optional[Activation]) -> "EpilogueAct":
+        return EpilogueAct.NONE if activation is None else EpilogueAct[Activation(activation).name]
+
+
+class DroppedRows(enum.Enum):
+    """What ``moe_gemm`` leaves in the output rows of pairs it does not compute."""
+
+    ZERO = "zero"  # torch.zeros output
+    UNWRITTEN = "unwritten"  # torch.empty output: the caller never reads those rows
+
+
+_GATE_CODES = {GateUpLayout.GATE_UP: 0, GateUpLayout.UP_GATE: 1, GateUpLayout.INTERLEAVED: 2}
 
 
 # ---------------------------------------------------------------- the kernel, lazily
@@ -76,6 +111,29 @@ def kernel_is_interpreted() -> bool:
     from triton.runtime.interpreter import InterpretedFunction
 
     return isinstance(_kernel_module().moe_gemm_kernel, InterpretedFunction)
+
+
+#: oldest CUDA architecture the kernels run on (bf16 ``tl.dot`` needs sm80)
+MIN_CAPABILITY = (8, 0)
+#: first architecture with hardware fp8 conversions (sm89 Ada, sm90 Hopper, ...)
+FP8_CAPABILITY = (8, 9)
+
+
+def fp8_native(device: torch.device) -> bool:
+    """Whether e4m3 bytes are decoded with the hardware fp8 cast on ``device``
+    (kernel constexpr ``FP8_NATIVE``); older GPUs decode the bits in integer
+    arithmetic, with the same (exact) result. Raises a ``RuntimeError`` naming
+    the architecture for GPUs older than ``MIN_CAPABILITY``."""
+    if device.type != "cuda":
+        return True  # the interpreter
+    cap = torch.cuda.get_device_capability(device)
+    if cap < MIN_CAPABILITY:
+        raise RuntimeError(
+            f"the Triton MoE kernels need a CUDA GPU of compute capability >= "
+            f"{MIN_CAPABILITY[0]}.{MIN_CAPABILITY[1]} (Ampere); {torch.cuda.get_device_name(device)} is "
+            f"{cap[0]}.{cap[1]}. Use the CPU reference (tensors on the CPU) instead."
+        )
+    return cap >= FP8_CAPABILITY
 
 
 # ---------------------------------------------------------------- validation
@@ -97,11 +155,18 @@ class _Call:
     topk_weights: Optional[torch.Tensor]  # flat [P]
     out_dtype: torch.dtype
     config: KernelConfig
+    activation: Optional[Activation]
+    layout: GateUpLayout
+
+    @property
+    def n_out(self) -> int:
+        gated = self.activation is not None and self.activation.is_gated
+        return self.op.n // 2 if gated else self.op.n
 
 
 def _check_call(
     a, weight, sorted_ids, block_expert_ids, num_padded, top_k, a_rows, bias, topk_weights,
-    out_dtype, config,
+    out_dtype, config, activation=None, layout=GateUpLayout.GATE_UP,
 ) -> _Call:
     check_tensor("a", a, dtype=FLOAT_DTYPES)
     if a.dim() != 2:
@@ -151,6 +216,13 @@ def _check_call(
                 f"({num_pairs // top_k}, {top_k}), got {tuple(topk_weights.shape)}"
             )
         topk_weights = topk_weights.reshape(-1).contiguous()
+    if activation is not None:
+        if not isinstance(activation, Activation):
+            raise TypeError(f"activation must be an Activation or None, got {activation!r}")
+        if activation.is_gated and op.n % 2:
+            raise ValueError(f"a gated activation needs an even N, weight has N={op.n}")
+    if not isinstance(layout, GateUpLayout):
+        raise TypeError(f"layout must be a GateUpLayout, got {layout!r}")
     tensors = {
         "weight": op.data, "sorted_ids": sorted_ids, "block_expert_ids": block_expert_ids,
         "num_padded": num_padded, "bias": bias, "topk_weights": topk_weights,
@@ -160,7 +232,7 @@ def _check_call(
             raise ValueError(f"{name} is on {t.device} but a is on {a.device}: all tensors must share a device")
     return _Call(
         a, op, sorted_ids.contiguous(), block_expert_ids.contiguous(), num_padded, top_k,
-        a_rows, num_pairs, bias, topk_weights, out_dtype, config,
+        a_rows, num_pairs, bias, topk_weights, out_dtype, config, activation, layout,
     )
 
 
@@ -180,16 +252,22 @@ def moe_gemm(
     topk_weights: Optional[torch.Tensor] = None,
     out_dtype: Optional[torch.dtype] = None,
     config: Optional[KernelConfig] = None,
+    activation: Optional[Activation] = None,
+    layout: GateUpLayout = GateUpLayout.GATE_UP,
+    dropped: DroppedRows = DroppedRows.ZERO,
 ) -> torch.Tensor:
     """Grouped MoE GEMM with in-loop weight dequantization (module docstring).
     ``config`` defaults to ``select_config`` for this problem and device; its
     ``block_m`` must be the ``block_size`` given to ``align``."""
     call = _check_call(
         a, weight, sorted_ids, block_expert_ids, num_padded, top_k, a_rows, bias, topk_weights,
-        out_dtype, config,
+        out_dtype, config, activation, layout,
     )
     op, cfg = call.op, call.config
-    out = torch.zeros(call.num_pairs, op.n, dtype=call.out_dtype, device=a.device)
+    if not isinstance(dropped, DroppedRows):
+        raise TypeError(f"dropped must be a DroppedRows, got {dropped!r}")
+    new = torch.zeros if dropped is DroppedRows.ZERO else torch.empty
+    out = new(call.num_pairs, call.n_out, dtype=call.out_dtype, device=a.device)
     if call.num_pairs == 0 or op.n == 0:
         return out
     km = _kernel_module()
@@ -211,7 +289,7 @@ def moe_gemm(
         a, op.data, out,
         call.sorted_ids, call.block_expert_ids, call.num_padded,
         op.scale, op.zero_point, op.g_idx, op.global_scale, call.bias, call.topk_weights,
-        op.n, op.k, call.num_pairs, max_padded, op.num_experts, op.num_k_groups,
+        op.n, call.n_out, op.k, call.num_pairs, max_padded, op.num_experts, op.num_k_groups,
         a.stride(0), a.stride(1),
         *op.data.stride(),
         s_e, s_n, s_k,
@@ -231,6 +309,10 @@ def moe_gemm(
         BLOCK_N=cfg.block_n,
         BLOCK_K=cfg.block_k,
         GROUP_M=cfg.group_m,
+        ACT=int(EpilogueAct.of(call.activation)),
+        GATED=call.activation is not None and call.activation.is_gated,
+        GATE=_GATE_CODES[call.layout],
+        FP8_NATIVE=fp8_native(a.device),
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
     )
@@ -257,16 +339,20 @@ def moe_gemm_ref(
     topk_weights: Optional[torch.Tensor] = None,
     out_dtype: Optional[torch.dtype] = None,
     config: Optional[KernelConfig] = None,
+    activation: Optional[Activation] = None,
+    layout: GateUpLayout = GateUpLayout.GATE_UP,
+    dropped: DroppedRows = DroppedRows.ZERO,
 ) -> torch.Tensor:
     """Plain-PyTorch twin of ``moe_gemm``: the weight dequantized to fp32
     (``formats.dequantize``) and an fp32 matmul per expert; same contract,
-    same skipping of sentinel pairs and out-of-range experts."""
+    same skipping of sentinel pairs and out-of-range experts (dropped rows
+    are always zero here)."""
     call = _check_call(
         a, weight, sorted_ids, block_expert_ids, num_padded, top_k, a_rows, bias, topk_weights,
-        out_dtype, config,
+        out_dtype, config, activation, layout,
     )
     op, bm = call.op, call.config.block_m
-    out = torch.zeros(call.num_pairs, op.n, dtype=torch.float32, device=a.device)
+    out = torch.zeros(call.num_pairs, call.n_out, dtype=torch.float32, device=a.device)
     used = min(int(call.num_padded[0]), call.sorted_ids.numel())
     pairs = call.sorted_ids[:used].long()
     experts = call.block_expert_ids.long().repeat_interleave(bm)[:used]
@@ -278,10 +364,12 @@ def moe_gemm_ref(
         y = a[rows].float() @ w[e].T
         if call.bias is not None:
             y = y + call.bias[e].float()
+        if call.activation is not None:
+            y = apply_activation(y, call.activation, call.layout)
         if call.topk_weights is not None:
             y = y * call.topk_weights[p].float()[:, None]
         out[p] = y
     return out.to(call.out_dtype)
 
 
-__all__ = ["ARows", "kernel_is_interpreted", "moe_gemm", "moe_gemm_ref"]
+__all__ = ["ARows", "DroppedRows", "EpilogueAct", "kernel_is_interpreted", "moe_gemm", "moe_gemm_ref"]

@@ -99,7 +99,7 @@ ALIGN_SCHEMA = (
 )
 
 
-def _check_align(topk_ids, num_experts, block_size, expert_map):
+def check_align(topk_ids, num_experts, block_size, expert_map):
     check_tensor("topk_ids", topk_ids, dtype=(torch.int32, torch.int64))
     if topk_ids.dim() != 2:
         raise ValueError(f"topk_ids must be 2-D [num_tokens, top_k], got {tuple(topk_ids.shape)}")
@@ -113,21 +113,23 @@ def _check_align(topk_ids, num_experts, block_size, expert_map):
             raise ValueError(f"expert_map must be 1-D, got {tuple(expert_map.shape)}")
     if values_available(topk_ids, expert_map) and topk_ids.numel():
         bound = num_experts if expert_map is None else expert_map.shape[0]
-        lo, hi = int(topk_ids.min()), int(topk_ids.max())
+        ranges = [topk_ids.min(), topk_ids.max()]
+        if expert_map is not None and expert_map.numel():
+            ranges += [expert_map.min(), expert_map.max()]
+        lo, hi, *map_range = torch.stack([r.long() for r in ranges]).tolist()  # one host sync
         if lo < 0 or hi >= bound:
             raise ValueError(f"topk_ids must be in [0, {bound}), found ids in [{lo}, {hi}]")
-        if expert_map is not None and expert_map.numel():
-            if int(expert_map.min()) < -1 or int(expert_map.max()) >= num_experts:
-                raise ValueError(
-                    f"expert_map values must be -1 or a local expert in [0, {num_experts})"
-                )
+        if map_range and (map_range[0] < -1 or map_range[1] >= num_experts):
+            raise ValueError(
+                f"expert_map values must be -1 or a local expert in [0, {num_experts})"
+            )
 
 
 def align_reference(
     topk_ids: torch.Tensor, num_experts: int, block_size: int, expert_map: Optional[torch.Tensor] = None
 ):
     """Plain-torch ``align`` (see module docstring)."""
-    _check_align(topk_ids, num_experts, block_size, expert_map)
+    check_align(topk_ids, num_experts, block_size, expert_map)
     shapes = align_shapes(topk_ids.numel(), num_experts, block_size)
     pairs = topk_ids.numel()
     sorted_ids = torch.full(shapes["sorted_ids"][0], pairs, dtype=torch.int32, device=topk_ids.device)
@@ -149,13 +151,20 @@ def align_reference(
 
 
 def align_sorted(
-    topk_ids: torch.Tensor, num_experts: int, block_size: int, expert_map: Optional[torch.Tensor] = None
+    topk_ids: torch.Tensor,
+    num_experts: int,
+    block_size: int,
+    expert_map: Optional[torch.Tensor] = None,
+    *,
+    checked: bool = False,
 ):
     """``align`` with whole-tensor ops only (no per-expert loop; the only host
     sync is eager mode's id-range check): a stable sort by local expert, each
     expert's run shifted to its block-padded start. Same outputs as
-    ``align_reference`` (tested)."""
-    _check_align(topk_ids, num_experts, block_size, expert_map)
+    ``align_reference`` (tested). ``checked=True``: the caller already ran
+    ``check_align``."""
+    if not checked:
+        check_align(topk_ids, num_experts, block_size, expert_map)
     shapes = align_shapes(topk_ids.numel(), num_experts, block_size)
     dev = topk_ids.device
     pairs = topk_ids.numel()
@@ -164,7 +173,9 @@ def align_sorted(
         local = expert_map.long()[local]
     key = torch.where(local < 0, num_experts, local)  # absent experts sort last
     order = torch.sort(key, stable=True).indices
-    counts = torch.bincount(key, minlength=num_experts + 1)[:num_experts]
+    # scatter_add, not bincount: CUDA bincount syncs to size its output (not capturable)
+    counts = torch.zeros(num_experts + 1, dtype=torch.long, device=dev)
+    counts = counts.scatter_add_(0, key, torch.ones_like(key))[:num_experts]
     padded = (counts + block_size - 1) // block_size * block_size
     padded_start = torch.cumsum(padded, 0) - padded
     start = torch.cumsum(counts, 0) - counts
@@ -193,9 +204,9 @@ align_op.register_kernel("cuda")(align_sorted)
 
 @align_op.register_fake
 def _align_fake(topk_ids, num_experts, block_size, expert_map=None):
-    _check_align(topk_ids, num_experts, block_size, expert_map)
+    check_align(topk_ids, num_experts, block_size, expert_map)
     shapes = align_shapes(topk_ids.numel(), num_experts, block_size)
     return tuple(topk_ids.new_empty(s, dtype=d) for s, d in shapes.values())
 
 
-__all__ = ["RoutingMethod", "align_op", "align_reference", "align_sorted", "route_op"]
+__all__ = ["RoutingMethod", "align_op", "align_reference", "align_sorted", "check_align", "route_op"]
