@@ -13,7 +13,7 @@ from torch_moe_quant.tools.accuracy import RandomLayer, scheme_sqnr
 
 # Every family of DESIGN §4 must have at least these names.
 REQUIRED = {
-    "bf16", "fp16",
+    "bf16", "fp16", "fp32",
     "fp8_w8a8_tensor_static", "fp8_w8a8_channel_token", "fp8_w8a8_block128",
     "fp8_w8a16_channel", "fp8_w8a16_block128",
     "int8_w8a8_tensor_static", "int8_w8a8_channel_token", "int8_w8a16_channel",

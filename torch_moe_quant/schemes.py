@@ -157,6 +157,8 @@ def _add(family, name, weight, activation=None):
 # unquantized
 _add("bf16", "bf16", WeightSpec(None))
 _add("bf16", "fp16", WeightSpec(None, float_dtype=torch.float16))
+# fp32 weights as they are: what a compiled fp32 model's experts are rewritten to
+_add("bf16", "fp32", WeightSpec(None, float_dtype=torch.float32))
 
 # fp8 w8a8
 _fp8 = lambda g: WeightSpec(Format.FP8_E4M3, g)  # noqa: E731

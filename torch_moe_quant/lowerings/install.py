@@ -102,11 +102,12 @@ def _patterns():
             from torch._dynamo.utils import counters
             from torch._inductor.pattern_matcher import PatternMatcherPass
 
-            from . import routing_patterns
+            from . import expert_patterns, routing_patterns
 
             patterns = PatternMatcherPass(pass_name="moe_quant")
             inductor_counters = counters["inductor"].copy()
             routing_patterns.register(patterns)
+            expert_patterns.register(patterns)
             # tracing the patterns may bump Inductor's own counters
             counters["inductor"] = inductor_counters
             _pattern_pass = patterns

@@ -54,7 +54,7 @@ class _Cached:
 
 
 def _float_scheme(dtype: torch.dtype) -> str:
-    return "fp16" if dtype == torch.float16 else "bf16"
+    return {torch.float16: "fp16", torch.float32: "fp32"}.get(dtype, "bf16")
 
 
 def _key(module: nn.Module) -> Tuple:
