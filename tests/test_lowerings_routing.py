@@ -591,6 +591,29 @@ def test_install_chains_a_user_pass(fresh):
         assert getattr(inductor_config, CONFIG_KEY) is user
 
 
+def test_install_chains_a_user_pass_on_a_single_pass_config(fresh, monkeypatch):
+    """torch 2.11's config holds one pass (no ``get_custom_graph_passes``):
+    ``install()`` then sets one ``_ChainedPass`` running the user's pass and
+    ours, whose uuid changes with either, and ``uninstall()`` restores."""
+    import importlib
+
+    install_module = importlib.import_module("torch_moe_quant.lowerings.install")  # not the function
+    monkeypatch.setattr(install_module, "CONFIG_TAKES_LISTS", False)
+    user = _UserPass()
+    with inductor_config.patch({CONFIG_KEY: user}):
+        lowerings.install()
+        chained = getattr(inductor_config, CONFIG_KEY)
+        assert isinstance(chained, install_module._ChainedPass) and lowerings.installed()
+        assert chained.passes[0] is user and isinstance(chained.passes[1], MoeQuantPass)
+        before = chained.uuid()
+        user.uuid = lambda: "user-pass-v2"
+        assert chained.uuid() != before
+        torch.compile(olmoe, fullgraph=True)(logits_of())
+        assert user.calls == 1 and rewrites() == {"softmax_topk": 1}
+        lowerings.uninstall()
+        assert getattr(inductor_config, CONFIG_KEY) is user
+
+
 def test_uninstall_after_the_config_changed_keeps_other_passes(fresh):
     user, later = _UserPass(), _UserPass()
     with inductor_config.patch({CONFIG_KEY: [user]}):

@@ -117,7 +117,12 @@ def _load_weight(
 ):
     """The ``[BLOCK_K, BLOCK_N]`` tile ``W[offs_n, k0:k0 + BLOCK_K]^T`` before
     scaling: raw values for ``FLOAT``, fp32 codes otherwise. Packed formats
-    load each word or byte once and unpack it in registers."""
+    load each word or byte once and unpack it in registers.
+
+    Measured alternative (H100, triton 3.6): loading, for every element, the
+    word that holds it and shifting its code out (vLLM's int4 style, no
+    reshape) was 1.4-7x slower: int4 g128 mixtral M=1 0.36 -> 2.58 ms, M=4096
+    18.7 -> 131 ms; mxfp4 M=1 0.64 -> 0.90 ms."""
     col = offs_n[None, :] * stride_wn
     if ELEMENT == _EL_INT4:
         offs_w = k0 // 8 + tl.arange(0, BLOCK_K // 8)

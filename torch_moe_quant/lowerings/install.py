@@ -16,7 +16,10 @@ router would no longer be recognisable by a post pass.
 Composition with a pass the user already set: ``install()`` chains. The
 config value becomes a tuple ``(*user_passes, MoeQuantPass())`` (torch runs
 every entry of a list/tuple, in order, and keys the FX graph cache on each
-entry's ``uuid()``). ``uninstall()`` restores exactly the value seen by
+entry's ``uuid()``); torch 2.11 takes a single pass, so there the value is a
+``_ChainedPass`` running the user's passes then ours, its uuid covering all of
+them (the H100 run of torch 2.11 found the missing list support).
+``uninstall()`` restores exactly the value seen by
 ``install()``; if the config was changed in between, it only removes our
 pass and leaves the rest as it is. ``install()`` is idempotent.
 
@@ -36,12 +39,57 @@ from typing import Iterable, Iterator, Optional, Tuple, Union
 
 import torch
 from torch._inductor import config as inductor_config
-from torch._inductor.custom_graph_pass import CustomGraphPass, get_custom_graph_passes
+from torch._inductor import custom_graph_pass as _cgp
+from torch._inductor.custom_graph_pass import CustomGraphPass
 
 CONFIG_KEY = "post_grad_custom_pre_pass"
 """The ``torch._inductor.config`` attribute our pass is installed in."""
 
 _PACKAGE_DIR = Path(__file__).resolve().parent
+
+#: torch >= 2.12 runs every pass of a list/tuple in the config; torch 2.11 takes
+#: one pass (and has no ``get_custom_graph_passes``): there we chain ourselves.
+CONFIG_TAKES_LISTS = hasattr(_cgp, "get_custom_graph_passes")
+
+
+class _ChainedPass(CustomGraphPass):
+    """Several passes run in order as one (torch 2.11's single-pass config)."""
+
+    def __init__(self, passes) -> None:
+        self.passes = tuple(passes)
+
+    def __call__(self, graph: torch.fx.Graph) -> None:
+        for p in self.passes:
+            p(graph)
+
+    def uuid(self):
+        return source_hash((type(p).__name__, str(p.uuid())) for p in self.passes)
+
+    def __repr__(self) -> str:
+        return f"_ChainedPass({list(self.passes)!r})"
+
+
+def get_custom_graph_passes(value) -> tuple:
+    """The passes a config value holds (``None``, one pass, a list/tuple, or
+    our chain on torch 2.11), as a tuple."""
+    if isinstance(value, _ChainedPass):
+        return value.passes
+    if CONFIG_TAKES_LISTS:
+        return tuple(_cgp.get_custom_graph_passes(value))
+    if value is None:
+        return ()
+    return tuple(value) if isinstance(value, (list, tuple)) else (value,)
+
+
+def _config_value(passes: tuple, like=None):
+    """The config value running ``passes`` in order (``None`` if empty)."""
+    if not passes:
+        return None
+    if len(passes) == 1:
+        return passes[0]
+    if CONFIG_TAKES_LISTS:
+        return list(passes) if isinstance(like, list) else tuple(passes)
+    return _ChainedPass(passes)
 
 
 def source_hash(sources: Iterable[Tuple[str, Union[str, bytes]]]) -> str:
@@ -137,7 +185,7 @@ def install() -> None:
             return
         previous = getattr(inductor_config, CONFIG_KEY)
         user_passes = get_custom_graph_passes(previous)
-        new_value = (*user_passes, _PASS) if user_passes else _PASS
+        new_value = _config_value((*user_passes, _PASS))
         setattr(inductor_config, CONFIG_KEY, new_value)
         _saved, _installed_value = previous, new_value
 
@@ -152,7 +200,7 @@ def uninstall() -> None:
                 restored = _saved
             else:  # changed since install(): remove our pass, keep the others
                 others = tuple(p for p in get_custom_graph_passes(current) if p is not _PASS)
-                restored = (list(others) if isinstance(current, list) else others) or None
+                restored = _config_value(others, like=current)
             setattr(inductor_config, CONFIG_KEY, restored)
         _saved = _installed_value = _UNSET
 
