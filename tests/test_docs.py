@@ -43,12 +43,18 @@ def test_depyf_dump_shows_moe_quant_ops(tmp_path):
 
 
 def test_demo_runs(capsys):
+    """The README's first command: a transformers model compiled through the
+    lowerings; the bf16 model's router and experts are rewritten, quantized
+    experts call their scheme's op."""
     from torch_moe_quant import demo
 
     torch._dynamo.reset()
-    demo.main(["--tokens", "8", "--iters", "1", "--hidden", "128", "--intermediate", "128",
+    demo.main(["--tokens", "8", "--iters", "1", "--hidden", "128", "--intermediate", "128", "--layers", "1",
                "--schemes", "bf16", "mxfp4_w4a16", "fp8_w8a8_tensor_static"])
     out = capsys.readouterr().out
-    assert "moe_quant.experts_mxfp4_w4a16" in out and "moe_quant.route" in out
-    assert "fp8_w8a8_tensor_static" in out
+    bf16 = next(line for line in out.splitlines() if line.startswith("bf16 "))
+    assert "grouped_mm=1" in bf16 and "softmax_topk_renormalize=1" in bf16 and "moe_quant.experts_bf16" in bf16
+    mx = next(line for line in out.splitlines() if line.startswith("mxfp4_w4a16 "))
+    assert "moe_quant.experts_mxfp4_w4a16" in mx and "moe_quant.route" in mx
+    assert "fp8_w8a8_tensor_static  skipped" in out
     torch._dynamo.reset()
