@@ -58,3 +58,14 @@ def test_demo_runs(capsys):
     assert "moe_quant.experts_mxfp4_w4a16" in mx and "moe_quant.route" in mx
     assert "fp8_w8a8_tensor_static  skipped" in out
     torch._dynamo.reset()
+
+
+def test_readme_scheme_matrix_is_generated_from_the_registry():
+    from torch_moe_quant.tools import scheme_matrix
+
+    readme = (ROOT / "README.md").read_text()
+    start, end = readme.index(scheme_matrix.START), readme.index(scheme_matrix.END)
+    in_readme = readme[start + len(scheme_matrix.START) : end].strip()
+    assert in_readme == scheme_matrix.markdown().strip(), (
+        "README scheme matrix is stale: python -m torch_moe_quant.tools.scheme_matrix"
+    )
