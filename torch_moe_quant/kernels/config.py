@@ -2,9 +2,10 @@
 
 What exists here: a frozen problem description (``GemmProblem``), a frozen
 tile configuration (``KernelConfig``) and ``select_config``, a small typed
-heuristic (no tables, no JSON, no autotuning). Every launcher also accepts an
-explicit ``KernelConfig``, which is how tests pin small tiles and how a
-future tuner would inject its choice. There is no on-disk autotune cache.
+heuristic (no tables, no JSON). Every launcher also accepts an explicit
+``KernelConfig``, which is how tests pin small tiles. Opt-in autotuning with
+an on-disk cache (``TORCH_MOE_QUANT_AUTOTUNE=<file.json>``) lives in
+``kernels.autotune``; it starts from this heuristic's candidates.
 
 The heuristic:
 

@@ -43,6 +43,7 @@ from ..experts import QuantizedExperts
 from ..formats.core import Format
 from ..reference import activation_qdq, validate_call
 from ._operand import CODECS, FLOAT_DTYPES, check_format_supported
+from .autotune import config_for
 from .config import KernelConfig, GemmProblem, select_config
 from .align import align_unchecked
 from .combine import combine_topk, combine_topk_ref
@@ -106,12 +107,6 @@ def _run(
     n13, h_pad = experts.w13.shape[1], experts.padded_hidden_size
     i_pad = experts.padded_intermediate_size
 
-    def cfg(n: int, k: int) -> KernelConfig:
-        if config is not None:
-            return config
-        return select_config(GemmProblem(M, n, k, E, top_k, cdt), experts.scheme, x.device)
-
-    cfg13, cfg2 = cfg(n13, h_pad), cfg(h_pad, i_pad)
     aligned: Dict[int, tuple] = {}
 
     def align(block_m: int) -> tuple:
@@ -119,24 +114,34 @@ def _run(
             aligned[block_m] = steps.align(topk_ids, E, block_m, expert_map)
         return aligned[block_m]
 
+    def cfg(n: int, k: int, run) -> KernelConfig:
+        if config is not None:
+            return config
+        problem = GemmProblem(M, n, k, E, top_k, cdt)
+        if steps is _REFERENCE:
+            return select_config(problem, experts.scheme, x.device)
+        return config_for(problem, experts.scheme.weight, x.device, run)  # heuristic unless autotune is on
+
     if apply_router_weight_on_input:
         x = x * topk_weights.to(x.dtype)[:, :1]
     a1 = (x if spec is None else qdq13(x)).to(cdt)
-    a2 = steps.gemm(
-        a1, experts.w13, *align(cfg13.block_m), top_k=top_k, a_rows=ARows.TOKENS,
-        bias=experts.w13_bias, out_dtype=cdt if spec is None else torch.float32, config=cfg13,
-        activation=act, layout=experts.layout,
+    gemm1 = dict(
+        top_k=top_k, a_rows=ARows.TOKENS, bias=experts.w13_bias,
+        out_dtype=cdt if spec is None else torch.float32, activation=act, layout=experts.layout,
         # the QDQ below reads every row (a garbage row could hold NaN): zero the dropped ones
         dropped=DroppedRows.UNWRITTEN if spec is None else DroppedRows.ZERO,
     )
+    run1 = lambda c: steps.gemm(a1, experts.w13, *align(c.block_m), config=c, **gemm1)  # noqa: E731
+    a2 = run1(cfg(n13, h_pad, run1))
     if spec is not None:
         a2 = qdq2(a2).to(cdt)
-    y = steps.gemm(
-        a2, experts.w2, *align(cfg2.block_m), top_k=top_k, a_rows=ARows.PAIRS,
-        bias=experts.w2_bias,
+    gemm2 = dict(
+        top_k=top_k, a_rows=ARows.PAIRS, bias=experts.w2_bias,
         topk_weights=None if apply_router_weight_on_input else topk_weights,
-        out_dtype=cdt, config=cfg2, dropped=DroppedRows.UNWRITTEN,
+        out_dtype=cdt, dropped=DroppedRows.UNWRITTEN,
     )
+    run2 = lambda c: steps.gemm(a2, experts.w2, *align(c.block_m), config=c, **gemm2)  # noqa: E731
+    y = run2(cfg(h_pad, i_pad, run2))
     return steps.combine(
         y, topk_ids, num_experts=E, hidden=experts.hidden_size, out_dtype=cdt, expert_map=expert_map
     )
