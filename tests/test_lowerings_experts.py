@@ -690,6 +690,105 @@ return (experts_mxfp4_w4a16_default,)""",
     )
 
 
+# one golden per dispatch form and per decode form not covered above
+GOLDENS = {
+    "batched_mm_bf16": lambda: (Moe(experts_of(None, torch.bfloat16), batched), torch.bfloat16),
+    "dense_matmul_fp32": lambda: (Moe(experts_of(None, torch.float32), dense_matmul), torch.float32),
+    "batched_mm_int4": lambda: (Moe(experts_of("int4_w4a16_g32", torch.float32), batched, decode_int4), torch.float32),
+    "dense_einsum_fp8": lambda: (Moe(experts_of("fp8_w8a16_channel", torch.float32), dense_einsum, decode_fp8), torch.float32),
+    "dense_einsum_fp8_qdq": lambda: (
+        Moe(experts_of("fp8_w8a8_channel_token", torch.float32), dense_einsum, decode_fp8, qdq=fp8_qdq), torch.float32
+    ),
+}
+
+
+def golden(form):
+    """The post-grad graph of ``GOLDENS[form]`` after the pass, checked to hold
+    one moe_quant experts call and no bmm."""
+    module, dtype = GOLDENS[form]()
+    graph = rewritten_graph(module, hidden(5, dtype))
+    assert graph.count("torch.ops.moe_quant.experts_") == 1 and "bmm" not in graph
+    return graph
+
+
+def test_golden_batched_mm_bf16(lowered):
+    assert_expected_inline(golden("batched_mm_bf16"), """\
+convert_element_type = torch.ops.prims.convert_element_type.default(arg0_1, torch.float32)
+permute = torch.ops.aten.permute.default(arg1_1, [1, 0])
+mm = torch.ops.aten.mm.default(convert_element_type, permute)
+route_default = torch.ops.moe_quant.route.default(mm, 2, 'softmax_topk_renormalize')
+getitem_4 = route_default[0]
+getitem_5 = route_default[1]
+convert_element_type_default_1 = torch.ops.prims.convert_element_type.default(getitem_5, torch.int64)
+view_2 = torch.ops.aten.reshape.default(convert_element_type_default_1, [-1])
+reshape_default = torch.ops.aten.reshape.default(view_2, [-1, 2])
+experts_bf16_default = torch.ops.moe_quant.experts_bf16.default(arg0_1, getitem_4, reshape_default, arg2_1, arg3_1, None, None, None, 'silu', 'gate_up', False)
+convert_element_type_default = torch.ops.prims.convert_element_type.default(experts_bf16_default, torch.float32)
+convert_element_type_7 = torch.ops.prims.convert_element_type.default(convert_element_type_default, torch.bfloat16)
+return (convert_element_type_7,)""")
+
+
+def test_golden_dense_matmul_fp32(lowered):
+    assert_expected_inline(golden("dense_matmul_fp32"), """\
+permute = torch.ops.aten.permute.default(arg1_1, [1, 0])
+mm = torch.ops.aten.mm.default(arg0_1, permute)
+route_default = torch.ops.moe_quant.route.default(mm, 2, 'softmax_topk_renormalize')
+getitem_4 = route_default[0]
+getitem_5 = route_default[1]
+convert_element_type_default = torch.ops.prims.convert_element_type.default(getitem_5, torch.int64)
+ge = torch.ops.aten.ge.Scalar(convert_element_type_default, 0)
+logical_not = torch.ops.aten.logical_not.default(ge)
+any_1 = torch.ops.aten.any.dims(logical_not)
+logical_not_1 = torch.ops.aten.logical_not.default(any_1)
+_assert_async = torch.ops.aten._assert_async.msg(logical_not_1, 'one_hot: Class values must be non-negative.')
+lt = torch.ops.aten.lt.Scalar(convert_element_type_default, 4)
+logical_not_2 = torch.ops.aten.logical_not.default(lt)
+any_2 = torch.ops.aten.any.dims(logical_not_2)
+logical_not_3 = torch.ops.aten.logical_not.default(any_2)
+_assert_async_1 = torch.ops.aten._assert_async.msg(logical_not_3, 'one_hot: Class values must be smaller than num_classes.')
+experts_fp32_default = torch.ops.moe_quant.experts_fp32.default(arg0_1, getitem_4, convert_element_type_default, arg2_1, arg3_1, None, None, None, 'silu', 'gate_up', False)
+return (experts_fp32_default,)""")
+
+
+def test_golden_batched_mm_int4(lowered):
+    assert_expected_inline(golden("batched_mm_int4"), """\
+permute = torch.ops.aten.permute.default(arg1_1, [1, 0])
+mm = torch.ops.aten.mm.default(arg0_1, permute)
+route_default = torch.ops.moe_quant.route.default(mm, 2, 'softmax_topk_renormalize')
+getitem_4 = route_default[0]
+getitem_5 = route_default[1]
+convert_element_type_default = torch.ops.prims.convert_element_type.default(getitem_5, torch.int64)
+view_6 = torch.ops.aten.reshape.default(convert_element_type_default, [-1])
+reshape_default = torch.ops.aten.reshape.default(view_6, [-1, 2])
+experts_int4_w4a16_g32_default = torch.ops.moe_quant.experts_int4_w4a16_g32.default(arg0_1, getitem_4, reshape_default, arg2_1, arg3_1, arg4_1, arg5_1, None, None, None, 'silu', 'gate_up', False)
+return (experts_int4_w4a16_g32_default,)""")
+
+
+def test_golden_dense_einsum_fp8(lowered):
+    assert_expected_inline(golden("dense_einsum_fp8"), """\
+permute = torch.ops.aten.permute.default(arg1_1, [1, 0])
+mm = torch.ops.aten.mm.default(arg0_1, permute)
+route_default = torch.ops.moe_quant.route.default(mm, 2, 'softmax_topk_renormalize')
+getitem_4 = route_default[0]
+getitem_5 = route_default[1]
+convert_element_type_default = torch.ops.prims.convert_element_type.default(getitem_5, torch.int64)
+experts_fp8_w8a16_channel_default = torch.ops.moe_quant.experts_fp8_w8a16_channel.default(arg0_1, getitem_4, convert_element_type_default, arg2_1, arg3_1, arg4_1, arg5_1, None, None, None, 'silu', 'gate_up', False)
+return (experts_fp8_w8a16_channel_default,)""")
+
+
+def test_golden_dense_einsum_fp8_qdq(lowered):
+    assert_expected_inline(golden("dense_einsum_fp8_qdq"), """\
+permute = torch.ops.aten.permute.default(arg1_1, [1, 0])
+mm = torch.ops.aten.mm.default(arg0_1, permute)
+route_default = torch.ops.moe_quant.route.default(mm, 2, 'softmax_topk_renormalize')
+getitem_4 = route_default[0]
+getitem_5 = route_default[1]
+convert_element_type_default = torch.ops.prims.convert_element_type.default(getitem_5, torch.int64)
+experts_fp8_w8a8_channel_token_default = torch.ops.moe_quant.experts_fp8_w8a8_channel_token.default(arg0_1, getitem_4, convert_element_type_default, arg2_1, arg3_1, arg4_1, arg5_1, None, None, None, 'silu', 'gate_up', False)
+return (experts_fp8_w8a8_channel_token_default,)""")
+
+
+
 # ------------------------------------------------------------ depyf, import, uuid
 
 
