@@ -30,7 +30,9 @@ import torch
 import torch_moe_quant as tmq
 
 sys.path.insert(0, "bench")
-from moe_bench import SHAPES, Shape, bound, make_weights, reference_on_touched, rel_err, route_for, slice_experts  # noqa: E402
+from moe_bench import SHAPES, Shape, bound, make_weights, reference_on_touched, rel_err, route_for  # noqa: E402
+
+from torch_moe_quant.distributed import select_experts  # noqa: E402
 
 SHAPES = dict(
     SHAPES,
@@ -101,7 +103,7 @@ def main() -> int:
                 failures += not check(shape, 0, scheme, experts, *batches[0], "empty")
                 failures += not check(shape, 16, scheme, experts, x, tw, torch.full_like(ids, 3), "one_expert")
                 # every other expert on this rank: a half-size layer and a map
-                half = slice_experts(experts, 0, shape.E // 2)
+                half = select_experts(experts, range(shape.E // 2))
                 emap = torch.full((shape.E,), -1, dtype=torch.int32, device=dev)
                 emap[1::2] = torch.arange(shape.E // 2, dtype=torch.int32, device=dev)
                 failures += not check(shape, 16, scheme, half, x, tw, ids, "expert_map", emap)

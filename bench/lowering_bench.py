@@ -23,8 +23,8 @@ differ by a whole expert: the difference is then not a rounding error.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
-import statistics
 import sys
 import time
 
@@ -67,22 +67,19 @@ def build(name: str, tiny: bool, device, dtype=torch.bfloat16):
 
 
 def time_ms(fn, iters: int, device) -> float:
-    for _ in range(3):
+    """Median of ``iters`` CUDA-event-timed calls after three warm-ups (CPU:
+    the mean wall time)."""
+    from torch_moe_quant.kernels.autotune import cuda_time_ms
+
+    for _ in range(2):
         fn()
-    if device.type != "cuda":
-        t0 = time.perf_counter()
-        for _ in range(iters):
-            fn()
-        return (time.perf_counter() - t0) * 1e3 / iters
-    times = []
+    if device.type == "cuda":
+        return cuda_time_ms(fn, iters)  # its own warm-up is the third
+    fn()
+    t0 = time.perf_counter()
     for _ in range(iters):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
         fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
+    return (time.perf_counter() - t0) * 1e3 / iters
 
 
 def main(argv=None) -> int:
@@ -114,7 +111,7 @@ def main(argv=None) -> int:
         for lowered in (False, True):
             torch._dynamo.reset()
             counters.clear()
-            ctx = lowerings.enabled() if lowered else _null()
+            ctx = lowerings.enabled() if lowered else contextlib.nullcontext()
             # no FX graph / AOT cache: a cache hit skips the pass and its counters
             with ctx, inductor_config.patch(fx_graph_cache=False), torch._functorch.config.patch(
                 enable_autograd_cache=False
@@ -144,14 +141,6 @@ def main(argv=None) -> int:
         if device.type == "cuda":
             torch.cuda.empty_cache()
     return 0
-
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 if __name__ == "__main__":

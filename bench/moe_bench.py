@@ -46,6 +46,7 @@ import torch
 
 import torch_moe_quant as tmq
 from torch_moe_quant.activations import Activation, GateUpLayout, apply_activation
+from torch_moe_quant.distributed import select_experts
 from torch_moe_quant.formats import Format
 from torch_moe_quant.reference import dequantize_weight
 
@@ -350,31 +351,9 @@ def reference_on_touched(x, experts, tw, ids, act, chunk: int = 32) -> torch.Ten
         hi = min(E, lo + chunk)
         emap = torch.full((E,), -1, dtype=torch.int32, device=x.device)
         emap[lo:hi] = torch.arange(hi - lo, dtype=torch.int32, device=x.device)
-        sub = slice_experts(experts, lo, hi)
+        sub = select_experts(experts, range(lo, hi))
         out += reference_moe(x.float(), sub, tw, ids, activation=act, expert_map=emap)
     return out
-
-
-def slice_experts(experts, lo: int, hi: int):
-    """Experts ``[lo, hi)`` of a ``QuantizedExperts`` (every tensor with a
-    leading expert dim is sliced; per-tensor activation scales are shared)."""
-    E = experts.num_experts
-
-    def cut(t):
-        if isinstance(t, torch.Tensor) and t.dim() and t.shape[0] == E:
-            return t[lo:hi]
-        return t
-
-    def cut_weight(w):
-        if isinstance(w, torch.Tensor):
-            return w[lo:hi]
-        fields = {k: cut(v) for k, v in w.tensors.items()}
-        return dataclasses.replace(w, shape=(hi - lo, *w.shape[1:]), **fields)
-
-    return dataclasses.replace(
-        experts, w13=cut_weight(experts.w13), w2=cut_weight(experts.w2),
-        w13_bias=cut(experts.w13_bias), w2_bias=cut(experts.w2_bias),
-    )
 
 
 def _fmt(v, spec: str) -> str:

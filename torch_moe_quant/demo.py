@@ -34,6 +34,7 @@ import torch
 from torch._dynamo.utils import counters
 
 import torch_moe_quant as tmq
+from torch_moe_quant.nn.quantize import _module_bytes
 from torch_moe_quant.tools.accuracy import sqnr_db
 
 DEFAULT_SCHEMES = ("bf16", "fp8_w8a8_channel_token", "int4_w4a16_g128", "mxfp4_w4a16")
@@ -55,16 +56,9 @@ def build_model(hidden: int, intermediate: int, experts: int, top_k: int, layers
 
 
 def experts_bytes(model: torch.nn.Module) -> int:
-    """Bytes of every experts module's parameters and buffers."""
-    total = 0
-    for name, module in model.named_modules():
-        if name.endswith(".experts"):
-            total += sum(t.numel() * t.element_size() for t in module.parameters())
-            total += sum(t.numel() * t.element_size() for t in module.buffers())
-            qe = getattr(module, "experts", None)
-            if isinstance(qe, tmq.QuantizedExperts):
-                total += qe.nbytes
-    return total
+    """Bytes of every experts module's parameters and buffers (the quantized
+    modules keep their codes and scales as buffers)."""
+    return sum(_module_bytes(m) for name, m in model.named_modules() if name.endswith(".experts"))
 
 
 def _time_ms(fn, iters: int) -> float:

@@ -26,7 +26,7 @@ import torch
 from . import formats
 from .activations import Activation, activation_vjp, apply_activation, as_activation
 from .experts import QuantizedExperts
-from .formats.core import Format, QuantizedTensor, check_tensor, values_available
+from .formats.core import Format, QuantizedTensor, check_tensor, value_ranges, values_available
 from .schemes import ActivationSpec, ActQuant
 
 QDQ = Callable[[torch.Tensor], torch.Tensor]
@@ -87,14 +87,11 @@ def check_routing(
             raise ValueError(f"expert_map must be 1-D [num_global_experts], got {tuple(expert_map.shape)}")
     if not values_available(topk_ids, expert_map) or topk_ids.numel() == 0:
         return
-    ranges = [topk_ids.min(), topk_ids.max()]
-    if expert_map is not None:
-        ranges += [expert_map.min(), expert_map.max()]
-    lo, hi, *map_range = torch.stack([r.long() for r in ranges]).tolist()  # one host sync
+    (lo, hi), *map_range = value_ranges(topk_ids, *([expert_map] if expert_map is not None else []))
     if lo < 0 or hi >= num_experts:
         raise ValueError(f"topk_ids must be in [0, {num_experts}), found ids in [{lo}, {hi}]")
     if expert_map is not None:
-        mlo, mhi = map_range
+        (mlo, mhi), = map_range
         if mlo < -1 or mhi >= local_experts:
             raise ValueError(
                 f"expert_map values must be -1 (not on this rank) or a local expert in "

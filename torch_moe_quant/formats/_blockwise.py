@@ -16,7 +16,7 @@ from typing import Sequence, Tuple
 import torch
 import torch.nn.functional as F
 
-from .core import Granularity, check_tensor, cuda_capturing
+from .core import Granularity, check_tensor, values_available
 
 
 def to_blocks(x: torch.Tensor, g: Granularity) -> torch.Tensor:
@@ -64,8 +64,9 @@ def replace_zero_scale(s: torch.Tensor, eps_dtype: torch.dtype) -> torch.Tensor:
 
 def eager() -> bool:
     """True outside torch.compile tracing and CUDA graph capture: value
-    (data-dependent) checks, which read values on the host, run only then."""
-    return not torch.compiler.is_compiling() and not cuda_capturing()
+    (data-dependent) checks, which read values on the host, run only then
+    (``core.values_available`` for no particular tensor)."""
+    return values_available()
 
 
 def check_finite(name: str, x: torch.Tensor) -> None:

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
-from typing import Optional, Tuple, Union
+from typing import List, Optional, Tuple, Union
 
 import torch
 from torch.utils import _pytree as pytree
@@ -271,6 +271,13 @@ def check_granularity(name: str, g: Granularity, rows: int, cols: int) -> None:
             f"{name}: the last dim ({cols}) must be divisible by the group size "
             f"{g.size}"
         )
+
+
+def value_ranges(*tensors: torch.Tensor) -> List[Tuple[int, int]]:
+    """``(min, max)`` of each (non-empty, integer, same-device) tensor, read
+    with one host sync; callers check ``values_available`` first."""
+    stats = torch.stack([s.long() for t in tensors for s in (t.min(), t.max())]).tolist()
+    return list(zip(stats[0::2], stats[1::2]))
 
 
 def cuda_capturing() -> bool:

@@ -23,6 +23,7 @@ from typing import Optional
 import torch
 
 from ..fake_impls.shapes import align_shapes
+from .config import _pow2_at_least
 
 #: chunks of pairs up to which the single-program kernel is used
 MAX_CHUNKS = 16
@@ -30,16 +31,9 @@ MAX_CHUNKS = 16
 _TILE = 8192
 
 
-def _pow2_at_least(x: int, floor: int) -> int:
-    p = floor
-    while p < x:
-        p *= 2
-    return p
-
-
 def chunk_for(num_experts: int) -> int:
     """Pairs per chunk of the one-program kernel for ``num_experts``."""
-    return max(16, _TILE // _pow2_at_least(num_experts, 16))
+    return max(16, _TILE // _pow2_at_least(num_experts))
 
 
 def align_triton(
@@ -72,7 +66,7 @@ def align_unchecked(
         topk_ids.reshape(-1), expert_map, sorted_ids, block_ids, num_padded,
         pairs, num_experts, 0 if expert_map is None else expert_map.shape[0],
         sorted_ids.numel(), block_ids.numel(),
-        BLOCK_SIZE=block_size, E_PAD=_pow2_at_least(num_experts, 16), CHUNK=chunk, FILL=chunk,
+        BLOCK_SIZE=block_size, E_PAD=_pow2_at_least(num_experts), CHUNK=chunk, FILL=chunk,
         num_warps=8,
     )
     return sorted_ids, block_ids, num_padded

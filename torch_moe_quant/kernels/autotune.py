@@ -35,7 +35,9 @@ import torch
 
 from ..formats.core import cuda_capturing
 from ..schemes import WeightSpec
-from .config import MIN_BLOCK, SMEM_BUDGET, GemmProblem, KernelConfig, block_k_for, select_config, stage_bytes
+from .config import (
+    MIN_BLOCK, SMEM_BUDGET, GemmProblem, KernelConfig, _pow2_at_least, block_k_for, select_config, stage_bytes,
+)
 
 ENV_VAR = "TORCH_MOE_QUANT_AUTOTUNE"
 VERSION = 1
@@ -59,9 +61,7 @@ class TuneKey:
     @staticmethod
     def of(problem: GemmProblem, spec: WeightSpec, device: torch.device) -> "TuneKey":
         name = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
-        tokens = 1
-        while tokens < max(1, problem.num_tokens):
-            tokens *= 2
+        tokens = _pow2_at_least(problem.num_tokens, 1)
         return TuneKey(
             name, f"{spec}|zp={spec.zero_point.value}|act_order={spec.act_order.value}",
             str(problem.dtype).replace("torch.", ""), problem.num_experts, problem.top_k,
@@ -166,11 +166,11 @@ def active_cache() -> Optional[AutotuneCache]:
 Timer = Callable[[Callable[[], object]], float]
 
 
-def cuda_time_ms(fn: Callable[[], object]) -> float:
-    """Median over ``REPS`` CUDA-event-timed runs of ``fn`` after one warm-up."""
+def cuda_time_ms(fn: Callable[[], object], reps: int = REPS) -> float:
+    """Median over ``reps`` CUDA-event-timed runs of ``fn`` after one warm-up."""
     fn()
     times = []
-    for _ in range(REPS):
+    for _ in range(reps):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
         fn()

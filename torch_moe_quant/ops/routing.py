@@ -18,7 +18,7 @@ from typing import Optional
 import torch
 
 from ..fake_impls.shapes import align_shapes, route_shapes
-from ..formats.core import check_tensor, values_available
+from ..formats.core import check_tensor, value_ranges, values_available
 from ..routing import RoutingMethod, _as_method, _check_route_args, route, route_vjp
 
 ROUTE_SCHEMA = (
@@ -113,13 +113,11 @@ def check_align(topk_ids, num_experts, block_size, expert_map):
             raise ValueError(f"expert_map must be 1-D, got {tuple(expert_map.shape)}")
     if values_available(topk_ids, expert_map) and topk_ids.numel():
         bound = num_experts if expert_map is None else expert_map.shape[0]
-        ranges = [topk_ids.min(), topk_ids.max()]
-        if expert_map is not None and expert_map.numel():
-            ranges += [expert_map.min(), expert_map.max()]
-        lo, hi, *map_range = torch.stack([r.long() for r in ranges]).tolist()  # one host sync
+        has_map = expert_map is not None and expert_map.numel() > 0
+        (lo, hi), *map_range = value_ranges(topk_ids, *([expert_map] if has_map else []))
         if lo < 0 or hi >= bound:
             raise ValueError(f"topk_ids must be in [0, {bound}), found ids in [{lo}, {hi}]")
-        if map_range and (map_range[0] < -1 or map_range[1] >= num_experts):
+        if map_range and (map_range[0][0] < -1 or map_range[0][1] >= num_experts):
             raise ValueError(
                 f"expert_map values must be -1 or a local expert in [0, {num_experts})"
             )
