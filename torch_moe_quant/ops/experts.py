@@ -25,6 +25,7 @@ from typing import Dict
 import torch
 
 from ..fake_impls.shapes import experts_output_shape
+from ..kernels._operand import FLOAT_DTYPES
 from ..formats.core import check_tensor
 from ..reference import MoEProblem, validate_call
 from ..schemes import SCHEMES, Scheme
@@ -62,7 +63,7 @@ def _make_triton(sig: ExpertsSignature):
     reference = _make_reference(sig)
 
     def triton_kernel(*args):
-        if args[0].dtype not in _TRITON_DTYPES:
+        if args[0].dtype not in FLOAT_DTYPES:  # the dtypes the grouped GEMM computes in
             return reference(*args)
         from ..kernels.fused_experts import fused_experts_triton
 
@@ -74,8 +75,6 @@ def _make_triton(sig: ExpertsSignature):
 
     return triton_kernel
 
-
-_TRITON_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 
 def _make_fake(sig: ExpertsSignature):
