@@ -4,6 +4,7 @@ registering ``fwd_only`` replacements with counted extra checks."""
 from __future__ import annotations
 
 import dataclasses
+import inspect
 from typing import Callable, Mapping, Sequence, Tuple
 
 import torch
@@ -16,6 +17,16 @@ COUNTER = "moe_quant"
 """``torch._dynamo.utils.counters[COUNTER][name]`` counts rewrites per pattern."""
 
 Check = Callable[[Match], bool]
+
+#: ``register_replacement`` takes ``pattern_name`` (a label for Inductor's
+#: logs) from torch 2.12 on; torch 2.11 rejects the keyword.
+_NAMES_PATTERNS = "pattern_name" in inspect.signature(register_replacement).parameters
+
+
+def name_kwargs(name: str) -> dict:
+    """The ``pattern_name`` keyword of ``register_replacement`` for rewrite
+    ``name`` where this torch takes it, else nothing."""
+    return {"pattern_name": f"{COUNTER}.{name}"} if _NAMES_PATTERNS else {}
 
 
 def meta_val(node):
@@ -74,7 +85,7 @@ class Rewrite:
                 pass_dict,
                 extra_check=_counted(self.name, self.check),
                 scalar_workaround=dict(self.magic),
-                pattern_name=f"{COUNTER}.{self.name}",
+                **name_kwargs(self.name),
             )
 
 

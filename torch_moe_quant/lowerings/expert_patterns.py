@@ -194,7 +194,7 @@ from torch._inductor.pattern_matcher import Match, register_replacement
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from . import _expert_forms as forms
-from ._matching import COUNTER, _counted, fwd_only_as_post_grad, meta_val
+from ._matching import _counted, fwd_only_as_post_grad, meta_val, name_kwargs
 
 aten = torch.ops.aten
 
@@ -540,7 +540,7 @@ class ExpertRewrite:
             trace_as_post_grad,
             pass_dict,
             extra_check=_counted(self.name, self.check),
-            pattern_name=f"{COUNTER}.{self.name}",
+            **name_kwargs(self.name),
         )
 
 
