@@ -32,3 +32,4 @@ __all__ = [
     "select_config",
     "supported_weight_formats",
 ]
+from .route import route_triton  # noqa: E402,F401  (one-launch routing kernel, kernels.route)
