@@ -42,7 +42,21 @@ def _route_ref(
 route_op = torch.library.custom_op(
     "moe_quant::route", _route_ref, mutates_args=(), device_types="cpu", schema=ROUTE_SCHEMA
 )
-route_op.register_kernel("cuda")(_route_ref)
+
+
+@route_op.register_kernel("cuda")
+def _route_cuda(
+    router_logits, top_k, method, correction_bias=None, num_groups=None, topk_groups=None,
+    routed_scaling_factor=1.0,
+):
+    """The Triton kernel (``kernels.route.route_triton``): one launch, the
+    reference's validation and outputs (fp64 logits run the reference)."""
+    from ..kernels.route import route_triton
+
+    return route_triton(
+        router_logits, top_k, method, correction_bias, num_groups, topk_groups,
+        routed_scaling_factor,
+    )
 
 
 @route_op.register_fake
