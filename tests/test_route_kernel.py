@@ -26,6 +26,7 @@ from torch_moe_quant import routing  # noqa: E402
 from torch_moe_quant.kernels.route import (  # noqa: E402
     MAX_EXPERTS,
     PLANS,
+    RouteTiles,
     check_route,
     kernel_is_interpreted,
     kernel_runs,
@@ -81,7 +82,7 @@ def test_every_method_has_a_plan():
 
 
 # (M, E, k): E not a power of two, a tile with padded rows, top_k == E, M == 1
-SHAPES = [(1, 8, 2), (7, 13, 4), (20, 64, 6), (3, 12, 12)]
+SHAPES = [(1, 8, 2), (7, 13, 4), (9, 64, 6), (3, 12, 12)]
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "M%d_E%d_k%d" % s)
@@ -188,6 +189,23 @@ def test_nan_in_grouped_deepseek(monkeypatch):
     rw, rids = routing.route(logits, 4, DEEPSEEK, num_groups=4, topk_groups=2)
     assert torch.equal(ids, rids)
     torch.testing.assert_close(w, rw, rtol=WEIGHT_RTOL, atol=0.0, equal_nan=True)
+
+
+@pytest.mark.parametrize("method", METHODS, ids=lambda m: m.value)
+def test_multi_token_tiles(method):
+    """Programs of several tokens, the last one partly past M (large batches
+    get them; small ones run a token per program)."""
+    M, E, k = 11, 24, 5
+    assert route_tiles(4096, E, k, 1).block_m > 1
+    logits = _randn(M, E, seed=11)
+    kw = dict(num_groups=4, topk_groups=2, correction_bias=_randn(E, seed=12) * 0.1) if method is DEEPSEEK else {}
+    args = check_route(logits, k, method, kw.get("correction_bias"), kw.get("num_groups"), kw.get("topk_groups"))
+    tiles = route_tiles(M, E, k, args.num_groups)
+    tiles = RouteTiles(4, tiles.group_pad, tiles.per_group_pad, tiles.k_pad, tiles.num_warps)
+    w, ids = route_unchecked(logits, args, kw.get("correction_bias"), 1.0, tiles)
+    rw, rids = routing.route(logits, k, method, **kw)
+    assert torch.equal(ids, rids)
+    torch.testing.assert_close(w, rw, rtol=WEIGHT_RTOL, atol=0.0)
 
 
 def test_strided_logits():

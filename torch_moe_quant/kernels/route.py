@@ -42,6 +42,8 @@ KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 #: tile elements per program (tokens x padded experts)
 _TILE = 2048
 _MAX_BLOCK_M = 32
+#: programs a launch aims for before tiles grow past one token (H100: 132 SMs)
+_TARGET_PROGRAMS = 128
 
 
 class Score(enum.IntEnum):
@@ -151,11 +153,13 @@ def check_route(
 
 def route_tiles(num_tokens: int, num_experts: int, top_k: int, num_groups: int) -> RouteTiles:
     """Tile of one program: about ``_TILE`` elements, at most ``_MAX_BLOCK_M``
-    tokens (never more than the batch needs)."""
+    tokens, and one token per program until a launch has ``_TARGET_PROGRAMS``
+    programs (a program's k rounds are serial: small batches spread out)."""
     group_pad = _next_pow2(num_groups)
     per_group_pad = _next_pow2(num_experts // num_groups)
     experts_pad = group_pad * per_group_pad
-    block_m = max(1, min(_TILE // experts_pad, _MAX_BLOCK_M, _next_pow2(num_tokens)))
+    spread = _next_pow2(-(-num_tokens // _TARGET_PROGRAMS))
+    block_m = max(1, min(_TILE // experts_pad, _MAX_BLOCK_M, spread))
     num_warps = 4 if block_m * experts_pad <= _TILE else 8
     return RouteTiles(block_m, group_pad, per_group_pad, _next_pow2(top_k), num_warps)
 
@@ -206,9 +210,11 @@ def route_unchecked(
     args: RouteArgs,
     correction_bias: Optional[torch.Tensor] = None,
     routed_scaling_factor: float = 1.0,
+    tiles: Optional[RouteTiles] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Launch for arguments ``check_route`` accepted and ``kernel_runs``
-    logits (no value check here: NaN logits take the NaN ordering)."""
+    logits (no value check here: NaN logits take the NaN ordering).
+    ``tiles``: the launch shape, ``route_tiles``'s by default."""
     M, E = router_logits.shape
     dev = router_logits.device
     weights = torch.empty(M, args.top_k, dtype=torch.float32, device=dev)
@@ -227,7 +233,8 @@ def route_unchecked(
     if bias is not None:
         bias = (bias if bias.dtype in KERNEL_DTYPES else bias.float()).contiguous()
     score, weight = PLANS[args.method]
-    tiles = route_tiles(M, E, args.top_k, args.num_groups)
+    if tiles is None:
+        tiles = route_tiles(M, E, args.top_k, args.num_groups)
     grid = (-(-M // tiles.block_m),)
     kernel[grid](
         router_logits, bias, weights, ids,
