@@ -53,9 +53,10 @@ def test_demo_runs(capsys):
                "--schemes", "bf16", "mxfp4_w4a16", "fp8_w8a8_tensor_static"])
     out = capsys.readouterr().out
     bf16 = next(line for line in out.splitlines() if line.startswith("bf16 "))
-    assert "grouped_mm=1" in bf16 and "softmax_topk_renormalize=1" in bf16 and "moe_quant.experts_bf16" in bf16
+    assert "grouped_mm=1" in bf16 and "softmax_topk_renormalize=1" in bf16 and "route_experts=1" in bf16
+    assert "moe_quant.moe_bf16" in bf16
     mx = next(line for line in out.splitlines() if line.startswith("mxfp4_w4a16 "))
-    assert "moe_quant.experts_mxfp4_w4a16" in mx and "moe_quant.route" in mx
+    assert "route_experts=1" in mx and "moe_quant.moe_mxfp4_w4a16" in mx
     assert "fp8_w8a8_tensor_static  skipped" in out
     torch._dynamo.reset()
 

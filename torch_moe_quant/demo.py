@@ -7,10 +7,12 @@ implementation). For every scheme the demo
 
 * ``bf16``: keeps the model as it is: the lowerings rewrite its plain router
   (softmax -> top-k -> renormalize) into ``moe_quant.route`` and its
-  ``grouped_mm`` experts into ``moe_quant.experts_bf16``;
+  ``grouped_mm`` experts into ``moe_quant.experts_bf16``, then fuse the two
+  into the whole-block op ``moe_quant.moe_bf16``;
 * any other scheme: quantizes the experts in place with
   ``torch_moe_quant.quantize_`` (the experts module then calls
-  ``moe_quant.experts_<scheme>``), the router is still rewritten;
+  ``moe_quant.experts_<scheme>``), the router is still rewritten and the
+  pair fused into ``moe_quant.moe_<scheme>``;
 
 and prints the experts' weight bytes, logit SQNR and next-token agreement
 against the bf16 model run eagerly, tokens/s eager and compiled

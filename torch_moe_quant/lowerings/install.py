@@ -113,15 +113,19 @@ def pass_sources() -> Tuple[Tuple[str, bytes], ...]:
 
 
 class MoeQuantPass(CustomGraphPass):
-    """Applies the moe_quant rewrites (routing, ...) to a post-grad graph."""
+    """Applies the moe_quant rewrites to a post-grad graph: the routing and
+    expert-compute patterns, then the whole-block fusion (``block_fusion``)."""
 
     def __init__(self) -> None:
         self._uuid: Optional[str] = None
 
     def __call__(self, graph: torch.fx.Graph) -> None:
+        from .block_fusion import fuse_blocks
+
         if _patterns().apply(graph):
             # e.g. the ``full(-inf)`` a rewritten Llama-4 router scattered into
             graph.eliminate_dead_code()
+        fuse_blocks(graph)  # route -> experts_<scheme> pairs become moe_<scheme>
 
     def uuid(self) -> str:
         if self._uuid is None:

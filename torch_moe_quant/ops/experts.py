@@ -105,6 +105,20 @@ def _make_backward_fake(sig: ExpertsSignature):
     return fake
 
 
+def save_inputs(ctx, inputs, output) -> None:
+    """``setup_context`` saving every input: tensors (``None`` included, as
+    not-a-tensor) through ``save_for_backward``, the rest as they are."""
+    ctx.save_for_backward(*[t for t in inputs if isinstance(t, torch.Tensor)])
+    ctx.mask = [isinstance(t, torch.Tensor) for t in inputs]
+    ctx.others = [None if isinstance(t, torch.Tensor) else t for t in inputs]
+
+
+def saved_inputs(ctx) -> list:
+    """The inputs ``save_inputs`` kept, in order."""
+    saved = iter(ctx.saved_tensors)
+    return [next(saved) if m else o for m, o in zip(ctx.mask, ctx.others)]
+
+
 def _define(sig: ExpertsSignature):
     name = f"{NAMESPACE}::{sig.op_name}"
     fwd = torch.library.custom_op(
@@ -123,18 +137,12 @@ def _define(sig: ExpertsSignature):
     bwd.register_kernel("cuda")(_make_backward_reference(sig))
     bwd.register_fake(_make_backward_fake(sig))
 
-    def setup_context(ctx, inputs, output):
-        ctx.save_for_backward(*[t for t in inputs if isinstance(t, torch.Tensor)])
-        ctx.mask = [isinstance(t, torch.Tensor) for t in inputs]
-        ctx.others = [None if isinstance(t, torch.Tensor) else t for t in inputs]
-
     def backward(ctx, grad_out):
-        saved = iter(ctx.saved_tensors)
-        inputs = [next(saved) if m else o for m, o in zip(ctx.mask, ctx.others)]
+        inputs = saved_inputs(ctx)
         gx, gw = bwd(grad_out, *inputs)
         return (gx, gw) + (None,) * (len(inputs) - 2)
 
-    fwd.register_autograd(backward, setup_context=setup_context)
+    fwd.register_autograd(backward, setup_context=save_inputs)
     return fwd, bwd
 
 
