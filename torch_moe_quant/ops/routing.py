@@ -221,4 +221,11 @@ def _align_fake(topk_ids, num_experts, block_size, expert_map=None):
     return tuple(topk_ids.new_empty(s, dtype=d) for s, d in shapes.values())
 
 
-__all__ = ["RoutingMethod", "align_op", "align_reference", "align_sorted", "check_align", "route_op"]
+def route_kernel(device_type: str):
+    """The function ``route`` runs on ``device_type`` (``"cpu"``: the
+    reference, ``"cuda"``: the Triton kernel), for ops that route inside
+    their own kernel (``ops.block``)."""
+    return {"cpu": _route_ref, "cuda": _route_cuda}[device_type]
+
+
+__all__ = ["RoutingMethod", "align_op", "align_reference", "align_sorted", "check_align", "route_kernel", "route_op"]
