@@ -16,12 +16,12 @@ import torch.nn.functional as F
 from expecttest import assert_expected_inline
 from torch._dynamo.utils import counters
 from torch._inductor import config as inductor_config
-from torch._inductor.custom_graph_pass import CustomGraphPass, get_custom_graph_passes
+from torch._inductor.custom_graph_pass import CustomGraphPass
 from torch._inductor.utils import run_and_get_code
 
 import torch_moe_quant  # noqa: F401  (registers torch.ops.moe_quant)
 from torch_moe_quant import lowerings
-from torch_moe_quant.lowerings.install import CONFIG_KEY, MoeQuantPass, pass_sources, source_hash
+from torch_moe_quant.lowerings.install import CONFIG_KEY, MoeQuantPass, get_custom_graph_passes, pass_sources, source_hash
 from torch_moe_quant.routing import stable_topk
 
 K = 2

@@ -83,10 +83,22 @@ class Rewrite:
                 examples,
                 fwd_only_as_post_grad,
                 pass_dict,
-                extra_check=_counted(self.name, self.check),
+                extra_check=_counted(self.name, all_of(_binds(tuple(self.magic)), self.check)),
                 scalar_workaround=dict(self.magic),
                 **name_kwargs(self.name),
             )
+
+
+def _binds(names: Tuple[str, ...]) -> Check:
+    """The match bound every magic int to a keyword argument. torch 2.11's
+    matcher leaves some unbound (found on the H100: ``KeyError: 'top_k'`` in
+    a check, which failed the user's compile); without them a rewrite cannot
+    be verified, so it does not apply."""
+
+    def check(match: Match) -> bool:
+        return all(n in match.kwargs for n in names)
+
+    return check
 
 
 def _counted(name: str, check: Check) -> Check:
