@@ -1,0 +1,299 @@
+"""Activation quantization on the Triton path: what the grouped GEMM does to
+its input ``a`` for a scheme's ``ActivationSpec``, the row-quantization
+launcher ``quantize_rows`` (one launch) and the test launcher
+``quantize_activation``, each with a plain-PyTorch twin built on ``formats``.
+
+An ``ActQuant`` reduces a spec (plus its static scale) to kernel
+constexprs: the element (``ActElement``) and how the scale is found
+(``ActScale``). Where the quantization runs follows from the scale:
+
+* the scale is local to a K tile (static per-tensor fp8/int8, nvfp4 with its
+  static global scale and dynamic e4m3 block scales of 16, MX e8m0 groups of
+  32, fp8 groups of 128): ``ActPlacement.PROLOGUE``: the GEMM quantizes the
+  A tile in registers (no launch, no torch op). The tile must hold whole
+  groups: ``BLOCK_K`` a multiple of ``group`` (``fit_config`` raises it);
+* the scale spans a whole row (dynamic per-token fp8/int8):
+  ``ActPlacement.ROW_KERNEL``: ``quantize_rows`` (one Triton launch) writes
+  the codes and one fp32 scale per row, and the GEMM reads the codes.
+
+Contract (bit-exact, tested): the codes, scales and quantize-dequantized
+values of the device helpers (``_act_quant_kernel``) equal those of
+``formats.quantize`` / ``formats.fake_quantize`` on the fp32 input
+(``Arithmetic.FP32``; int8 with ``Int8ScaleRule.HALF_RANGE``), including
+all-zero blocks, subnormals, ties, saturation and NaN/inf as ``formats``
+defines them (a NaN code's sign bit may differ: CPUs and GPUs make NaNs of
+different signs). Exceptions: int8 input with NaN/inf, which ``formats``
+rejects, gives unspecified codes here (kernels cannot raise); and MX
+rounding ``RCEIL`` has no device helper (``NotImplementedError``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+from typing import NamedTuple, Optional, Tuple
+
+import torch
+
+from .. import formats
+from ..formats.core import Format, PerGroup, PerRow, PerTensor, ScaleRounding, check_tensor
+from ..schemes import ActivationSpec
+from ..schemes import ActQuant as QuantMode
+from ._operand import FLOAT_DTYPES
+
+
+class ActElement(enum.IntEnum):
+    """Element of the quantized activation (kernel constexpr ``A_ELEM``)."""
+
+    FP8_E4M3 = 1
+    INT8 = 2
+    FP4_E2M1 = 3
+    FP6_E2M3 = 4
+    FP6_E3M2 = 5
+
+
+class ActScale(enum.IntEnum):
+    """How the activation scale is found (kernel constexpr ``A_SCALE``)."""
+
+    NONE = 0  # no activation quantization
+    STATIC_TENSOR = 1  # one calibrated fp32 scale: x / scale
+    DYNAMIC_ROW = 2  # fp32 amax / qmax per row (whole K); the GEMM reads codes + row scales
+    DYNAMIC_GROUP = 3  # fp32 amax / qmax per group along K
+    MX_FLOOR = 4  # e8m0 shared exponent per 32, OCP floor rule
+    MX_EVEN = 5  # e8m0 shared exponent per 32, AMD Quark "even" rule
+    NVFP4 = 6  # e4m3 block scale per 16 x static fp32 global scale
+
+
+class ActPlacement(enum.Enum):
+    """Where the pipeline quantizes a GEMM input (module docstring)."""
+
+    PROLOGUE = "prologue"
+    ROW_KERNEL = "row_kernel"
+
+
+_ELEMENTS = {
+    Format.FP8_E4M3: ActElement.FP8_E4M3,
+    Format.INT8: ActElement.INT8,
+    Format.MXFP4: ActElement.FP4_E2M1,
+    Format.MXFP6_E2M3: ActElement.FP6_E2M3,
+    Format.MXFP6_E3M2: ActElement.FP6_E3M2,
+    Format.MXFP8: ActElement.FP8_E4M3,
+    Format.NVFP4: ActElement.FP4_E2M1,
+}
+_MX_SCALES = {ScaleRounding.FLOOR: ActScale.MX_FLOOR, ScaleRounding.EVEN: ActScale.MX_EVEN}
+#: torch dtype of the codes ``quantize_rows`` writes (what the GEMM reads)
+CODE_DTYPES = {ActElement.FP8_E4M3: torch.float8_e4m3fn, ActElement.INT8: torch.int8}
+
+
+@dataclasses.dataclass(frozen=True)
+class ActQuant:
+    """One GEMM input's quantization as the kernels see it.
+
+    ``group``: K columns per scale for the group scales (16 / 32 / 128), 0
+    when one scale covers the row or the tensor. ``static_scale``: fp32
+    ``[1]`` for ``STATIC_TENSOR`` (the scale) and ``NVFP4`` (the global
+    scale), else None. ``spec``: the ``ActivationSpec`` it came from.
+    """
+
+    spec: ActivationSpec
+    element: ActElement
+    scale: ActScale
+    group: int = 0
+    static_scale: Optional[torch.Tensor] = None
+
+    @staticmethod
+    def of(spec: Optional[ActivationSpec], static_scale: Optional[torch.Tensor] = None,
+           name: str = "static_scale") -> Optional["ActQuant"]:
+        """The ``ActQuant`` of ``spec`` (None for None); ``static_scale`` is the
+        scheme's calibrated scale (``a13_scale`` / ``a2_scale``), required iff
+        the spec is static. Errors name ``name``."""
+        if spec is None:
+            return None
+        if not isinstance(spec, ActivationSpec):
+            raise TypeError(f"spec must be an ActivationSpec or None, got {type(spec).__name__}")
+        fmt, g = Format(spec.fmt), spec.granularity
+        if fmt not in _ELEMENTS:
+            raise NotImplementedError(f"activation format {fmt.value} has no Triton quantizer")
+        element = _ELEMENTS[fmt]
+        static = spec.mode is QuantMode.STATIC
+        if static != (static_scale is not None):
+            need = "needs" if static else "takes no"
+            raise ValueError(f"{name}: the {spec} activation {need} a static scale, got {static_scale!r}")
+        if static:
+            check_tensor(name, static_scale, dtype=torch.float32)
+            if static_scale.numel() != 1:
+                raise ValueError(f"{name} must hold one per-tensor scale, got shape {tuple(static_scale.shape)}")
+            static_scale = static_scale.reshape(1)
+        if fmt is Format.NVFP4:
+            if g != PerGroup(16) or not static:
+                raise NotImplementedError(f"nvfp4 activations need PerGroup(16) and a static global scale, got {spec}")
+            return ActQuant(spec, element, ActScale.NVFP4, 16, static_scale)
+        if fmt in (Format.MXFP4, Format.MXFP6_E2M3, Format.MXFP6_E3M2, Format.MXFP8):
+            rounding = ScaleRounding(spec.rounding or ScaleRounding.FLOOR)
+            if rounding not in _MX_SCALES or g != PerGroup(32) or static:
+                raise NotImplementedError(
+                    f"MX activations: the kernels quantize dynamic PerGroup(32) with rounding floor or even, got {spec}"
+                )
+            return ActQuant(spec, element, _MX_SCALES[rounding], 32)
+        # fp8 / int8
+        if isinstance(g, PerTensor) and static:
+            return ActQuant(spec, element, ActScale.STATIC_TENSOR, 0, static_scale)
+        if isinstance(g, PerRow) and not static:
+            return ActQuant(spec, element, ActScale.DYNAMIC_ROW)
+        if isinstance(g, PerGroup) and not static and element is ActElement.FP8_E4M3 and g.size & (g.size - 1) == 0:
+            return ActQuant(spec, element, ActScale.DYNAMIC_GROUP, g.size)
+        raise NotImplementedError(f"activation quantization {spec} has no Triton quantizer")
+
+    @property
+    def placement(self) -> ActPlacement:
+        return ActPlacement.ROW_KERNEL if self.scale is ActScale.DYNAMIC_ROW else ActPlacement.PROLOGUE
+
+    @property
+    def code_dtype(self) -> torch.dtype:
+        """dtype of the codes ``quantize_rows`` writes (fp8 / int8 elements only)."""
+        return CODE_DTYPES[self.element]
+
+    def check_k(self, k: int, name: str) -> None:
+        """``k`` must be a multiple of the group (ValueError naming ``name``)."""
+        if self.group and k % self.group:
+            raise ValueError(f"{name}: K={k} must be a multiple of the activation group {self.group} ({self.spec})")
+
+
+def _check_x(x: torch.Tensor, act: ActQuant, name: str = "x") -> None:
+    check_tensor(name, x, dtype=FLOAT_DTYPES)
+    if x.dim() != 2:
+        raise ValueError(f"{name} must be 2-D [rows, K], got shape {tuple(x.shape)}")
+    if not isinstance(act, ActQuant):
+        raise TypeError(f"act must be an ActQuant, got {type(act).__name__}")
+    act.check_k(x.shape[1], name)
+
+
+# ---------------------------------------------------------------- launchers
+
+
+def _kernel_module():
+    from . import _act_quant_kernel
+
+    return _act_quant_kernel
+
+
+class QuantizedRows(NamedTuple):
+    """Output of ``quantize_activation``: ``formats``' representation of the
+    quantized ``x`` (unpacked codes) and its QDQ values."""
+
+    codes: torch.Tensor  # fp8: float8_e4m3fn; int8: int8; fp4/fp6: uint8 codes (unpacked)
+    scale: torch.Tensor  # fp32 [rows, 1] / [rows, K // g] / [1, 1]; e8m0 uint8; nvfp4: float8_e4m3fn
+    values: torch.Tensor  # fp32 [rows, K]: dequantize(quantize(x))
+
+
+def _launch(x: torch.Tensor, act: ActQuant, codes, scale, values, block_k: int) -> None:
+    km = _kernel_module()
+    rows, k = x.shape
+    block_r = 16
+    km.act_quant_kernel[(-(-rows // block_r),)](
+        x, codes, scale, values, act.static_scale, rows, k,
+        x.stride(0), x.stride(1), codes.stride(0), codes.stride(1),
+        scale.stride(0), scale.stride(1) if scale.dim() == 2 else 0,
+        values.stride(0) if values is not None else 0, values.stride(1) if values is not None else 0,
+        A_ELEM=int(act.element), A_SCALE=int(act.scale), GROUP=max(act.group, 1),
+        BLOCK_R=block_r, BLOCK_K=block_k,
+    )
+
+
+def _block_k(act: ActQuant, k: int) -> int:
+    b = 16
+    while b < min(k, 128):
+        b *= 2
+    return max(b, act.group)
+
+
+def quantize_rows(x: torch.Tensor, act: ActQuant) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Dynamic per-row quantization of ``x [rows, K]`` (fp16/bf16/fp32) in one
+    Triton launch: ``(codes [rows, K] in act.code_dtype, fp32 scales [rows])``,
+    bit-exact with ``formats.quantize(x.float(), fmt, PerRow())``."""
+    _check_x(x, act)
+    if act.scale is not ActScale.DYNAMIC_ROW:
+        raise ValueError(f"act: quantize_rows is for dynamic per-row activations, got {act.spec}")
+    rows, k = x.shape
+    codes = torch.empty(rows, k, dtype=act.code_dtype, device=x.device)
+    scale = torch.empty(rows, dtype=torch.float32, device=x.device)
+    if rows and k:
+        store = codes.view(torch.uint8) if act.element is ActElement.FP8_E4M3 else codes
+        _launch(x, act, store, scale, None, _block_k(act, k))
+    return codes, scale
+
+
+def quantize_rows_ref(x: torch.Tensor, act: ActQuant) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Twin of ``quantize_rows`` on ``formats.quantize``."""
+    _check_x(x, act)
+    q = formats.quantize(x.float(), act.spec.fmt, PerRow())
+    return q.data, q.scale.reshape(-1)
+
+
+def quantize_activation(x: torch.Tensor, act: ActQuant) -> QuantizedRows:
+    """Any ``ActQuant`` on ``x [rows, K]`` with the device helpers the GEMM
+    prologue and ``quantize_rows`` use (one launch); for testing them against
+    ``formats`` (``quantize_activation_ref``)."""
+    _check_x(x, act)
+    rows, k = x.shape
+    el = act.element
+    code_dtype = CODE_DTYPES.get(el, torch.uint8)
+    codes = torch.empty(rows, k, dtype=code_dtype, device=x.device)
+    values = torch.empty(rows, k, dtype=torch.float32, device=x.device)
+    if act.scale is ActScale.STATIC_TENSOR:
+        scale = act.static_scale.reshape(1, 1).clone()
+    elif act.scale is ActScale.DYNAMIC_ROW:
+        scale = torch.empty(rows, 1, dtype=torch.float32, device=x.device)
+    else:
+        sdt = torch.float32 if act.scale is ActScale.DYNAMIC_GROUP else torch.uint8
+        scale = torch.empty(rows, k // act.group, dtype=sdt, device=x.device)
+    if rows and k:
+        store = codes.view(torch.uint8) if el is ActElement.FP8_E4M3 else codes
+        _launch(x, act, store, scale, values, _block_k(act, k))
+    if act.scale is ActScale.NVFP4:
+        scale = scale.view(torch.float8_e4m3fn)
+    return QuantizedRows(codes, scale, values)
+
+
+def quantize_activation_ref(x: torch.Tensor, act: ActQuant) -> QuantizedRows:
+    """Twin of ``quantize_activation``: ``formats.quantize`` (codes unpacked)
+    and ``formats.fake_quantize`` on ``x.float()``."""
+    _check_x(x, act)
+    spec, xf = act.spec, x.float()
+    options = {}
+    if spec.rounding is not None:
+        options["rounding"] = spec.rounding
+    if act.static_scale is not None:
+        key = "global_scale" if spec.fmt is Format.NVFP4 else "scale"
+        options[key] = act.static_scale.reshape(1, 1)
+    q = formats.quantize(xf, spec.fmt, spec.granularity, **options)
+    values = formats.dequantize(q, torch.float32)
+    k = x.shape[1]
+    if spec.fmt in (Format.MXFP4, Format.NVFP4):
+        codes = formats.mxfp4.unpack(q.data, k)
+    elif spec.fmt in (Format.MXFP6_E2M3, Format.MXFP6_E3M2):
+        codes = formats.mxfp6.unpack(q.data, k)
+    else:
+        codes = q.data
+    return QuantizedRows(codes, q.scale, values)
+
+
+def fake_quantize_ref(a: torch.Tensor, act: Optional[ActQuant]) -> torch.Tensor:
+    """fp32 QDQ of ``a`` as ``reference.activation_qdq`` (identity for None)."""
+    if act is None:
+        return a.float()
+    return quantize_activation_ref(a, act).values
+
+
+__all__ = [
+    "ActElement",
+    "ActPlacement",
+    "ActQuant",
+    "ActScale",
+    "QuantizedRows",
+    "fake_quantize_ref",
+    "quantize_activation",
+    "quantize_activation_ref",
+    "quantize_rows",
+    "quantize_rows_ref",
+]
