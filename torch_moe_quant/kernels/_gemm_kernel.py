@@ -27,8 +27,10 @@ import torch
 import triton
 import triton.language as tl
 
+from ._act_quant_kernel import qdq_tile, quantize_groups
 from ._operand import ElementCodec, ScaleCodec, ScaleMode
-from .moe_gemm import ARows, EpilogueAct
+from .act_quant import ActElement, ActScale
+from .moe_gemm import ARows, DotKind, EpilogueAct
 
 #: torch compute dtype -> the ``COMPUTE`` constexpr of ``tl.dot`` operands.
 TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
@@ -64,6 +66,15 @@ _SM_PER_COLUMN = tl.constexpr(ScaleMode.PER_COLUMN.value)
 _SM_PER_K_TILE = tl.constexpr(ScaleMode.PER_K_TILE.value)
 _SM_PER_GROUP = tl.constexpr(ScaleMode.PER_GROUP.value)
 _SM_PER_ELEMENT = tl.constexpr(ScaleMode.PER_ELEMENT.value)
+_A_NONE = tl.constexpr(ActScale.NONE.value)
+_A_STATIC = tl.constexpr(ActScale.STATIC_TENSOR.value)
+_A_ROW = tl.constexpr(ActScale.DYNAMIC_ROW.value)
+_A_GROUP = tl.constexpr(ActScale.DYNAMIC_GROUP.value)
+_A_NVFP4 = tl.constexpr(ActScale.NVFP4.value)
+_A_EL_FP8 = tl.constexpr(ActElement.FP8_E4M3.value)
+_DOT_COMPUTE = tl.constexpr(DotKind.COMPUTE.value)
+_DOT_FP8 = tl.constexpr(DotKind.FP8.value)
+_DOT_INT8 = tl.constexpr(DotKind.INT8.value)
 #: int4 codes are stored as the unsigned nibble ``code + 8``.
 _INT4_OFFSET = tl.constexpr(8)
 #: fp32 bit patterns: 2**-127 (e8m0 byte 0, a subnormal) and a quiet NaN (byte 255).
@@ -160,6 +171,69 @@ def _load_weight(
 
 
 @triton.jit
+def _weight_codes(
+    w_ptr, k0, K, offs_n, n_ok, stride_wn, stride_wk,
+    ELEMENT: tl.constexpr, DOT: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """The ``[BLOCK_K, BLOCK_N]`` weight codes as operands of a native dot:
+    e4m3 bytes reinterpreted as fp8, int8 as is, int4 codes (exact in both)
+    cast to int8 or e4m3."""
+    if ELEMENT == _EL_INT4:
+        w = _load_weight(w_ptr, k0, K, offs_n, n_ok, stride_wn, stride_wk, ELEMENT, BLOCK_K, BLOCK_N, True)
+        if DOT == _DOT_INT8:
+            out = w.to(tl.int8)
+        else:
+            out = w.to(tl.float8e4nv)
+    else:
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        mask = (offs_k < K)[:, None] & n_ok[None, :]
+        raw = tl.load(w_ptr + offs_n[None, :] * stride_wn + offs_k[:, None] * stride_wk, mask=mask, other=0)
+        if ELEMENT == _EL_FP8:
+            out = raw.to(tl.float8e4nv, bitcast=True)
+        else:  # int8
+            out = raw
+    return out
+
+
+@triton.jit
+def _a_operand(
+    a, a_static, a_row_scale,
+    A_ELEM: tl.constexpr, A_SCALE: tl.constexpr, A_GROUP: tl.constexpr, DOT: tl.constexpr,
+    COMPUTE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, FP8_NATIVE: tl.constexpr,
+):
+    """The A tile as a dot operand and its per-row scale for this K tile
+    (``DOT`` native with ``DYNAMIC_GROUP``; 1 otherwise). ``a`` holds codes
+    for ``DYNAMIC_ROW`` (dequantized with the row scales on the compute path)
+    and float values otherwise (quantized here: the prologue)."""
+    tile_scale = 1.0
+    if A_SCALE == _A_NONE:
+        op = a.to(COMPUTE)
+    elif A_SCALE == _A_ROW:
+        if DOT == _DOT_FP8:
+            op = a.to(tl.float8e4nv, bitcast=True)
+        elif DOT == _DOT_INT8:
+            op = a
+        else:
+            if A_ELEM == _A_EL_FP8:
+                av = _e4m3_to_f32(a, FP8_NATIVE)
+            else:
+                av = a.to(tl.float32)
+            op = (av * a_row_scale[:, None]).to(COMPUTE)
+    elif DOT == _DOT_COMPUTE:
+        op = qdq_tile(a.to(tl.float32), a_static, A_ELEM, A_SCALE, A_GROUP, BLOCK_M, BLOCK_K).to(COMPUTE)
+    else:
+        q, step, _ = quantize_groups(a.to(tl.float32), a_static, A_ELEM, A_SCALE, A_GROUP, BLOCK_M, BLOCK_K)
+        q = tl.reshape(q, (BLOCK_M, BLOCK_K))
+        if DOT == _DOT_FP8:
+            op = q.to(tl.float8e4nv)  # exact: q is on the e4m3 grid
+        else:
+            op = q.to(tl.int8)
+        if A_SCALE == _A_GROUP:
+            tile_scale = tl.reshape(step, (BLOCK_M,))  # A_GROUP == BLOCK_K
+    return op, tile_scale
+
+
+@triton.jit
 def _decode_scale(raw, SCALE_CODEC: tl.constexpr, FP8_NATIVE: tl.constexpr):
     """Stored scales -> fp32: e8m0 bytes as exact powers of two (255 = NaN),
     e4m3 bytes through ``_e4m3_to_f32``, float scales widened."""
@@ -236,7 +310,7 @@ def _ungated(x, ACT: tl.constexpr):
 def moe_gemm_kernel(
     a_ptr, w_ptr, c_ptr,
     sorted_ids_ptr, block_expert_ptr, num_padded_ptr,
-    scale_ptr, zp_ptr, g_idx_ptr, gs_ptr, bias_ptr, topk_w_ptr,
+    scale_ptr, zp_ptr, g_idx_ptr, gs_ptr, bias_ptr, topk_w_ptr, a_scale_ptr,
     N, N_OUT, K, num_pairs, max_padded, num_experts, num_k_groups,
     stride_am, stride_ak,
     stride_we, stride_wn, stride_wk,
@@ -261,6 +335,10 @@ def moe_gemm_kernel(
     GATED: tl.constexpr,
     GATE: tl.constexpr,
     FP8_NATIVE: tl.constexpr,
+    A_ELEM: tl.constexpr,
+    A_SCALE: tl.constexpr,
+    A_GROUP: tl.constexpr,
+    DOT: tl.constexpr,
 ):
     # ---- tile coordinates: grouped order, GROUP_M row tiles share weight columns
     pid = tl.program_id(0)
@@ -316,54 +394,87 @@ def moe_gemm_kernel(
         if zp_ptr is not None:
             col_zp = tl.load(zp_ptr + expert * stride_se + s_col, mask=n_ok, other=0).to(tl.float32)
 
+    # ---- activation scales: static (per tensor, nvfp4 global) or per row (codes)
+    if (A_SCALE == _A_STATIC) | (A_SCALE == _A_NVFP4):
+        a_static = tl.load(a_scale_ptr)
+    else:
+        a_static = 1.0
+    if A_SCALE == _A_ROW:
+        a_row_scale = tl.load(a_scale_ptr + a_row, mask=row_ok, other=1.0)
+    else:
+        a_row_scale = 1.0
+
     acc = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)
     for k0 in range(0, K, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         k_ok = offs_k < K
-        a = tl.load(a_ptrs + offs_k[None, :] * stride_ak, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-        w = _load_weight(w_base, k0, K, offs_n, n_ok, stride_wn, stride_wk, ELEMENT, BLOCK_K, BLOCK_N, FP8_NATIVE)
-        if SCALE_MODE == _SM_PER_COLUMN:
-            if zp_ptr is not None:
-                w = w - col_zp[None, :]
-        elif SCALE_MODE == _SM_PER_K_TILE:
-            s_off = expert * stride_se + s_col + (k0 // SCALE_BLOCK_K) * stride_sk
-            tile_scale = _decode_scale(tl.load(scale_ptr + s_off, mask=n_ok, other=0), SCALE_CODEC, FP8_NATIVE)
-            if zp_ptr is not None:
-                w = w - tl.load(zp_ptr + s_off, mask=n_ok, other=0).to(tl.float32)[None, :]
-        elif SCALE_MODE == _SM_PER_GROUP:
-            # BLOCK_K holds GROUPS whole scale groups: one [GROUPS, BLOCK_N] scale load, broadcast
-            GROUPS: tl.constexpr = BLOCK_K // SCALE_BLOCK_K
-            offs_g = k0 // SCALE_BLOCK_K + tl.arange(0, GROUPS)
-            g_mask = (offs_g < num_k_groups)[:, None] & n_ok[None, :]
-            s_off = expert * stride_se + s_col[None, :] + offs_g[:, None] * stride_sk
-            s = _decode_scale(tl.load(scale_ptr + s_off, mask=g_mask, other=0), SCALE_CODEC, FP8_NATIVE)
-            w3 = tl.reshape(w, (GROUPS, SCALE_BLOCK_K, BLOCK_N))
-            if zp_ptr is not None:
-                w3 = w3 - tl.load(zp_ptr + s_off, mask=g_mask, other=0).to(tl.float32)[:, None, :]
-            w = tl.reshape(w3 * s[:, None, :], (BLOCK_K, BLOCK_N))
-        elif SCALE_MODE == _SM_PER_ELEMENT:
-            # the group of each column: g_idx (act-order) or k // SCALE_BLOCK_K; gathered per element
-            if g_idx_ptr is not None:
-                grp = tl.load(g_idx_ptr + expert * stride_ge + offs_k * stride_gk, mask=k_ok, other=0)
-                bad_grp = k_ok & ((grp < 0) | (grp >= num_k_groups))
-                grp = tl.where(bad_grp, 0, grp)
+        a = tl.load(a_ptrs + offs_k[None, :] * stride_ak, mask=row_ok[:, None] & k_ok[None, :], other=0)
+        a_op, a_tile_scale = _a_operand(
+            a, a_static, a_row_scale, A_ELEM, A_SCALE, A_GROUP, DOT, COMPUTE, BLOCK_M, BLOCK_K, FP8_NATIVE
+        )
+        if DOT != _DOT_COMPUTE:
+            # native fp8 / int8 tensor-core dot on codes; scales in fp32 per K tile or in the epilogue
+            w_op = _weight_codes(w_base, k0, K, offs_n, n_ok, stride_wn, stride_wk, ELEMENT, DOT, BLOCK_K, BLOCK_N)
+            if DOT == _DOT_INT8:
+                part = tl.dot(a_op, w_op, out_dtype=tl.int32).to(tl.float32)
             else:
-                grp = offs_k // SCALE_BLOCK_K
-                bad_grp = offs_k < 0  # all False
-            w_mask = k_ok[:, None] & n_ok[None, :]
-            s_off = expert * stride_se + s_col[None, :] + grp[:, None] * stride_sk
-            s = _decode_scale(tl.load(scale_ptr + s_off, mask=w_mask, other=0), SCALE_CODEC, FP8_NATIVE)
-            if zp_ptr is not None:
-                w = w - tl.load(zp_ptr + s_off, mask=w_mask, other=0).to(tl.float32)
-            # a g_idx entry outside [0, groups) poisons its column with NaN (loud, never silent)
-            w = tl.where(bad_grp[:, None], float("nan"), w * s)
-        if SCALE_MODE == _SM_PER_K_TILE:
-            part = tl.dot(a.to(COMPUTE), w.to(COMPUTE), input_precision=INPUT_PRECISION, out_dtype=tl.float32)
-            acc += part * tile_scale[None, :]
+                part = tl.dot(a_op, w_op, out_dtype=tl.float32)
+            if SCALE_MODE == _SM_PER_K_TILE:
+                s_off = expert * stride_se + s_col + (k0 // SCALE_BLOCK_K) * stride_sk
+                tile_scale = _decode_scale(tl.load(scale_ptr + s_off, mask=n_ok, other=0), SCALE_CODEC, FP8_NATIVE)
+                part = part * tile_scale[None, :]
+            if A_SCALE == _A_GROUP:
+                part = part * a_tile_scale[:, None]
+            acc += part
         else:
-            acc = tl.dot(a.to(COMPUTE), w.to(COMPUTE), acc, input_precision=INPUT_PRECISION, out_dtype=tl.float32)
+            w = _load_weight(w_base, k0, K, offs_n, n_ok, stride_wn, stride_wk, ELEMENT, BLOCK_K, BLOCK_N, FP8_NATIVE)
+            if SCALE_MODE == _SM_PER_COLUMN:
+                if zp_ptr is not None:
+                    w = w - col_zp[None, :]
+            elif SCALE_MODE == _SM_PER_K_TILE:
+                s_off = expert * stride_se + s_col + (k0 // SCALE_BLOCK_K) * stride_sk
+                tile_scale = _decode_scale(tl.load(scale_ptr + s_off, mask=n_ok, other=0), SCALE_CODEC, FP8_NATIVE)
+                if zp_ptr is not None:
+                    w = w - tl.load(zp_ptr + s_off, mask=n_ok, other=0).to(tl.float32)[None, :]
+            elif SCALE_MODE == _SM_PER_GROUP:
+                # BLOCK_K holds GROUPS whole scale groups: one [GROUPS, BLOCK_N] scale load, broadcast
+                GROUPS: tl.constexpr = BLOCK_K // SCALE_BLOCK_K
+                offs_g = k0 // SCALE_BLOCK_K + tl.arange(0, GROUPS)
+                g_mask = (offs_g < num_k_groups)[:, None] & n_ok[None, :]
+                s_off = expert * stride_se + s_col[None, :] + offs_g[:, None] * stride_sk
+                s = _decode_scale(tl.load(scale_ptr + s_off, mask=g_mask, other=0), SCALE_CODEC, FP8_NATIVE)
+                w3 = tl.reshape(w, (GROUPS, SCALE_BLOCK_K, BLOCK_N))
+                if zp_ptr is not None:
+                    w3 = w3 - tl.load(zp_ptr + s_off, mask=g_mask, other=0).to(tl.float32)[:, None, :]
+                w = tl.reshape(w3 * s[:, None, :], (BLOCK_K, BLOCK_N))
+            elif SCALE_MODE == _SM_PER_ELEMENT:
+                # the group of each column: g_idx (act-order) or k // SCALE_BLOCK_K; gathered per element
+                if g_idx_ptr is not None:
+                    grp = tl.load(g_idx_ptr + expert * stride_ge + offs_k * stride_gk, mask=k_ok, other=0)
+                    bad_grp = k_ok & ((grp < 0) | (grp >= num_k_groups))
+                    grp = tl.where(bad_grp, 0, grp)
+                else:
+                    grp = offs_k // SCALE_BLOCK_K
+                    bad_grp = offs_k < 0  # all False
+                w_mask = k_ok[:, None] & n_ok[None, :]
+                s_off = expert * stride_se + s_col[None, :] + grp[:, None] * stride_sk
+                s = _decode_scale(tl.load(scale_ptr + s_off, mask=w_mask, other=0), SCALE_CODEC, FP8_NATIVE)
+                if zp_ptr is not None:
+                    w = w - tl.load(zp_ptr + s_off, mask=w_mask, other=0).to(tl.float32)
+                # a g_idx entry outside [0, groups) poisons its column with NaN (loud, never silent)
+                w = tl.where(bad_grp[:, None], float("nan"), w * s)
+            if SCALE_MODE == _SM_PER_K_TILE:
+                part = tl.dot(a_op, w.to(COMPUTE), input_precision=INPUT_PRECISION, out_dtype=tl.float32)
+                acc += part * tile_scale[None, :]
+            else:
+                acc = tl.dot(a_op, w.to(COMPUTE), acc, input_precision=INPUT_PRECISION, out_dtype=tl.float32)
 
-    # ---- epilogue: column scale, global scale, bias, routing weight
+    # ---- epilogue: activation scale of the native dot, column scale, global scale, bias, routing weight
+    if DOT != _DOT_COMPUTE:
+        if A_SCALE == _A_ROW:
+            acc = acc * a_row_scale[:, None]
+        elif A_SCALE == _A_STATIC:
+            acc = acc * a_static
     if SCALE_MODE == _SM_PER_COLUMN:
         acc = acc * col_scale[None, :]
     if gs_ptr is not None:

@@ -219,4 +219,22 @@ def select_config(
     return KernelConfig(block_m, block_n, block_k, group_m, warps, stages)
 
 
-__all__ = ["GemmProblem", "KernelConfig", "block_k_for", "k_group", "select_config", "stage_bytes"]
+def fit_activation(config: KernelConfig, act) -> KernelConfig:
+    """``config`` for a GEMM whose input is quantized per group along K
+    (``act_quant.ActQuant`` with ``group`` 16 / 32 / 128, or None): the GEMM
+    prologue quantizes whole groups, so a ``block_k`` below the group is
+    raised to it (and ``num_stages`` lowered by the same factor, the loads of a
+    stage growing with ``block_k``). Power-of-two groups and tiles: a
+    ``block_k`` at least the group is a multiple of it."""
+    if not isinstance(config, KernelConfig):
+        raise TypeError(f"config must be a KernelConfig, got {type(config).__name__}")
+    group = 0 if act is None else act.group
+    if not group or config.block_k >= group:
+        return config
+    factor = group // config.block_k
+    return dataclasses.replace(config, block_k=group, num_stages=max(1, config.num_stages // factor))
+
+
+__all__ = [
+    "GemmProblem", "KernelConfig", "block_k_for", "fit_activation", "k_group", "select_config", "stage_bytes",
+]

@@ -35,9 +35,20 @@ use ``input_precision="ieee"``). Weight codes enter the dot exactly except in
 interpreter a bf16 ``a`` is multiplied in fp32 (the interpreter's bf16
 ``tl.dot`` returns garbage; the values of bf16 operands are exact in fp32).
 
-Activation quantization is not part of this GEMM: a scheme that quantizes
-activations passes ``a`` already quantize-dequantized
-(``reference.activation_qdq``) and cast to the compute dtype.
+Activation quantization (``act``, an ``act_quant.ActQuant``, or None): for
+scales local to a K tile (static per-tensor fp8/int8, nvfp4, MX groups, fp8
+groups of 128) ``a`` holds float values and the prologue quantizes each A
+tile in registers, bit-exact with ``formats.fake_quantize`` of ``a.float()``
+(``config.block_k`` must be a multiple of the group: ``config.fit_activation``);
+for dynamic per-row fp8/int8, ``a`` holds the codes of
+``act_quant.quantize_rows`` (float8_e4m3fn / int8) and ``a_scale`` their fp32
+row scales. The dot (``dot``, a ``DotPreference``; ``choose_dot``): natively
+on fp8 (sm89+) / int8 codes where ``native_dot_blocker`` allows it (fp8 x
+e4m3 or int4 weights, int8 x int8 or int4 weights; per-column or per-K-tile
+weight scales), with the activation scale applied per K tile (groups) or in
+the epilogue, in fp32; otherwise the activation is dequantized to
+``compute_dtype`` (default ``a.dtype``; bf16 for codes) as before.
+``moe_gemm_ref`` quantizes with ``formats`` instead.
 
 Every argument is validated before launch; shapes, dtypes and devices raise
 ``TypeError``/``ValueError`` naming the argument, and a weight format the
@@ -56,8 +67,9 @@ from ..activations import Activation, GateUpLayout, apply_activation
 from ..fake_impls.shapes import align_shapes
 from ..formats.core import check_tensor
 from ..reference import dequantize_weight
-from ._operand import FLOAT_DTYPES, Weight, WeightOperand
-from .config import GemmProblem, KernelConfig, select_config
+from ._operand import FLOAT_DTYPES, ElementCodec, ScaleCodec, ScaleMode, Weight, WeightOperand
+from .act_quant import ActElement, ActPlacement, ActQuant, fake_quantize_ref
+from .config import GemmProblem, KernelConfig, fit_activation, select_config
 
 
 class ARows(enum.IntEnum):
@@ -83,6 +95,22 @@ class EpilogueAct(enum.IntEnum):
     @staticmethod
     def of(activation: Optional[Activation]) -> "EpilogueAct":
         return EpilogueAct.NONE if activation is None else EpilogueAct[Activation(activation).name]
+
+
+class DotKind(enum.IntEnum):
+    """Operands of the kernel's ``tl.dot`` (kernel constexpr ``DOT``)."""
+
+    COMPUTE = 0  # both dequantized to the compute dtype (fallback; every format)
+    FP8 = 1  # e4m3 activation codes x e4m3 (or int4) weight codes, fp32 accumulation (sm89+)
+    INT8 = 2  # int8 activation codes x int8 (or int4) weight codes, int32 per K tile
+
+
+class DotPreference(enum.Enum):
+    """Which ``DotKind`` ``moe_gemm`` may use (``choose_dot``)."""
+
+    AUTO = "auto"  # the native fp8 / int8 dot where ``choose_dot`` allows it, else COMPUTE
+    COMPUTE = "compute"  # always the dequantize-to-compute-dtype path
+    NATIVE = "native"  # the native dot, or a ValueError/RuntimeError saying why not
 
 
 class DroppedRows(enum.Enum):
@@ -136,6 +164,56 @@ def fp8_native(device: torch.device) -> bool:
     return cap >= FP8_CAPABILITY
 
 
+def native_dot_blocker(act: Optional[ActQuant], op: WeightOperand, block_k: int, device: torch.device) -> Optional[str]:
+    """Why the native fp8/int8 dot cannot run this GEMM (None if it can).
+
+    It needs: fp8 or int8 activation codes (per tensor, per row, or groups
+    of exactly ``block_k``); weight codes exact in that element (e4m3 or int4
+    for fp8; int8 or int4 for int8) with fp32-decodable scales applied per
+    column or per K tile (no zero point, no act-order); for fp8 a GPU of
+    compute capability >= 8.9 (sm80 has no fp8 tensor cores)."""
+    if act is None:
+        return "the activation is not quantized"
+    if act.element is ActElement.FP8_E4M3:
+        ok_weights = (ElementCodec.FP8_E4M3, ElementCodec.INT4)
+    elif act.element is ActElement.INT8:
+        ok_weights = (ElementCodec.INT8, ElementCodec.INT4)
+    else:
+        return f"activation element {act.element.name} has no native dot (fp8 / int8 only)"
+    if op.element not in ok_weights or op.scale_codec is not ScaleCodec.FLOAT:
+        fmt = op.fmt.value if op.fmt is not None else "unquantized"
+        return f"{fmt} weights are not {act.element.name} x {'/'.join(w.name for w in ok_weights)} codes with float scales"
+    if op.zero_point is not None or op.g_idx is not None:
+        return "weights with zero points or act-order g_idx"
+    if op.scale_mode(block_k) not in (ScaleMode.PER_COLUMN, ScaleMode.PER_K_TILE):
+        return f"the weight scale changes inside a K tile of {block_k}"
+    if act.group and act.group != block_k:
+        return f"activation groups of {act.group} need BLOCK_K == {act.group}, got {block_k}"
+    if act.element is ActElement.FP8_E4M3 and not fp8_native(device):
+        name = torch.cuda.get_device_name(device)
+        return f"fp8 tensor-core dots need compute capability >= 8.9; {name} has none"
+    return None
+
+
+def choose_dot(
+    act: Optional[ActQuant], op: WeightOperand, block_k: int, device: torch.device, preference: DotPreference
+) -> DotKind:
+    """The ``DotKind`` for ``preference`` (``native_dot_blocker`` says when
+    the native dot is possible). ``NATIVE`` raises a ``ValueError`` naming the
+    reason when it is not (a ``RuntimeError`` for a GPU without fp8 dots)."""
+    if not isinstance(preference, DotPreference):
+        raise TypeError(f"dot must be a DotPreference, got {preference!r}")
+    if preference is DotPreference.COMPUTE:
+        return DotKind.COMPUTE
+    blocker = native_dot_blocker(act, op, block_k, device)
+    if blocker is None:
+        return DotKind.FP8 if act.element is ActElement.FP8_E4M3 else DotKind.INT8
+    if preference is DotPreference.NATIVE:
+        exc = RuntimeError if "compute capability" in blocker else ValueError
+        raise exc(f"dot=DotPreference.NATIVE: no native fp8/int8 dot here: {blocker}")
+    return DotKind.COMPUTE
+
+
 # ---------------------------------------------------------------- validation
 
 
@@ -157,6 +235,9 @@ class _Call:
     config: KernelConfig
     activation: Optional[Activation]
     layout: GateUpLayout
+    act: Optional[ActQuant] = None
+    a_scale: Optional[torch.Tensor] = None
+    compute_dtype: torch.dtype = torch.bfloat16
 
     @property
     def n_out(self) -> int:
@@ -166,9 +247,25 @@ class _Call:
 
 def _check_call(
     a, weight, sorted_ids, block_expert_ids, num_padded, top_k, a_rows, bias, topk_weights,
-    out_dtype, config, activation=None, layout=GateUpLayout.GATE_UP,
+    out_dtype, config, activation=None, layout=GateUpLayout.GATE_UP, act=None, a_scale=None,
+    compute_dtype=None,
 ) -> _Call:
-    check_tensor("a", a, dtype=FLOAT_DTYPES)
+    if act is not None and not isinstance(act, ActQuant):
+        raise TypeError(f"act must be an ActQuant or None, got {act!r}")
+    codes = act is not None and act.placement is ActPlacement.ROW_KERNEL
+    if codes:
+        check_tensor("a", a, dtype=act.code_dtype)
+        check_tensor("a_scale", a_scale, dtype=torch.float32, shape=(a.shape[0],) if a.dim() == 2 else None)
+        if a_scale.device != a.device:
+            raise ValueError(f"a_scale is on {a_scale.device} but a is on {a.device}")
+    else:
+        check_tensor("a", a, dtype=FLOAT_DTYPES)
+        if a_scale is not None:
+            raise ValueError("a_scale is only for per-row activation codes (act.placement ROW_KERNEL)")
+    if compute_dtype is None:
+        compute_dtype = torch.bfloat16 if codes else a.dtype
+    if compute_dtype not in FLOAT_DTYPES:
+        raise TypeError(f"compute_dtype must be bfloat16, float16 or float32, got {compute_dtype}")
     if a.dim() != 2:
         raise ValueError(f"a must be 2-D [rows, K], got shape {tuple(a.shape)}")
     op = WeightOperand.of(weight, "weight")
@@ -184,10 +281,19 @@ def _check_call(
     if out_dtype not in FLOAT_DTYPES:
         raise TypeError(f"out_dtype must be bfloat16, float16 or float32, got {out_dtype}")
     if config is None:
-        problem = GemmProblem(num_pairs // top_k, op.n, op.k, op.num_experts, top_k, a.dtype)
-        config = select_config(problem, op.spec, a.device)
+        problem = GemmProblem(num_pairs // top_k, op.n, op.k, op.num_experts, top_k, compute_dtype)
+        config = fit_activation(select_config(problem, op.spec, a.device), act)
     elif not isinstance(config, KernelConfig):
         raise TypeError(f"config must be a KernelConfig or None, got {type(config).__name__}")
+    if act is not None:
+        act.check_k(op.k, "a")
+        if act.group and config.block_k % act.group:
+            raise ValueError(
+                f"config.block_k={config.block_k} must be a multiple of the activation group {act.group} "
+                f"(the prologue quantizes whole groups; config.fit_activation raises it)"
+            )
+        if act.static_scale is not None and act.static_scale.device != a.device:
+            raise ValueError(f"act.static_scale is on {act.static_scale.device} but a is on {a.device}")
 
     shapes = align_shapes(num_pairs, op.num_experts, config.block_m)
     for name, t in (
@@ -233,6 +339,7 @@ def _check_call(
     return _Call(
         a, op, sorted_ids.contiguous(), block_expert_ids.contiguous(), num_padded, top_k,
         a_rows, num_pairs, bias, topk_weights, out_dtype, config, activation, layout,
+        act, a_scale, compute_dtype,
     )
 
 
@@ -255,15 +362,20 @@ def moe_gemm(
     activation: Optional[Activation] = None,
     layout: GateUpLayout = GateUpLayout.GATE_UP,
     dropped: DroppedRows = DroppedRows.ZERO,
+    act: Optional[ActQuant] = None,
+    a_scale: Optional[torch.Tensor] = None,
+    compute_dtype: Optional[torch.dtype] = None,
+    dot: DotPreference = DotPreference.AUTO,
 ) -> torch.Tensor:
     """Grouped MoE GEMM with in-loop weight dequantization (module docstring).
     ``config`` defaults to ``select_config`` for this problem and device; its
     ``block_m`` must be the ``block_size`` given to ``align``."""
     call = _check_call(
         a, weight, sorted_ids, block_expert_ids, num_padded, top_k, a_rows, bias, topk_weights,
-        out_dtype, config, activation, layout,
+        out_dtype, config, activation, layout, act, a_scale, compute_dtype,
     )
     op, cfg = call.op, call.config
+    dot_kind = choose_dot(act, op, cfg.block_k, a.device, dot)
     if not isinstance(dropped, DroppedRows):
         raise TypeError(f"dropped must be a DroppedRows, got {dropped!r}")
     new = torch.zeros if dropped is DroppedRows.ZERO else torch.empty
@@ -277,7 +389,7 @@ def moe_gemm(
             "moe_gemm got CPU tensors but the Triton kernel was compiled for a GPU: set "
             "TRITON_INTERPRET=1 before the first kernel launch to run it under the interpreter"
         )
-    compute = a.dtype
+    compute = call.compute_dtype
     if interpreted and compute == torch.bfloat16:
         compute = torch.float32  # the interpreter's bf16 tl.dot is broken (module docstring)
     max_padded = call.sorted_ids.numel()
@@ -285,10 +397,14 @@ def moe_gemm(
     s_e, s_n, s_k = op.scale_strides()
     bias_strides = call.bias.stride() if call.bias is not None else (0, 0)
     g_strides = op.g_idx.stride() if op.g_idx is not None else (0, 0)
+    if act is not None and act.placement is ActPlacement.ROW_KERNEL:
+        a_arg, a_scale_arg = (a.view(torch.uint8) if a.dtype == torch.float8_e4m3fn else a), a_scale
+    else:
+        a_arg, a_scale_arg = a, (act.static_scale if act is not None else None)
     km.moe_gemm_kernel[grid](
-        a, op.data, out,
+        a_arg, op.data, out,
         call.sorted_ids, call.block_expert_ids, call.num_padded,
-        op.scale, op.zero_point, op.g_idx, op.global_scale, call.bias, call.topk_weights,
+        op.scale, op.zero_point, op.g_idx, op.global_scale, call.bias, call.topk_weights, a_scale_arg,
         op.n, call.n_out, op.k, call.num_pairs, max_padded, op.num_experts, op.num_k_groups,
         a.stride(0), a.stride(1),
         *op.data.stride(),
@@ -313,6 +429,10 @@ def moe_gemm(
         GATED=call.activation is not None and call.activation.is_gated,
         GATE=_GATE_CODES[call.layout],
         FP8_NATIVE=fp8_native(a.device),
+        A_ELEM=int(act.element) if act is not None else 0,
+        A_SCALE=int(act.scale) if act is not None else 0,
+        A_GROUP=max(act.group, 1) if act is not None else 1,
+        DOT=int(dot_kind),
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
     )
@@ -342,6 +462,10 @@ def moe_gemm_ref(
     activation: Optional[Activation] = None,
     layout: GateUpLayout = GateUpLayout.GATE_UP,
     dropped: DroppedRows = DroppedRows.ZERO,
+    act: Optional[ActQuant] = None,
+    a_scale: Optional[torch.Tensor] = None,
+    compute_dtype: Optional[torch.dtype] = None,
+    dot: DotPreference = DotPreference.AUTO,
 ) -> torch.Tensor:
     """Plain-PyTorch twin of ``moe_gemm``: the weight dequantized to fp32
     (``formats.dequantize``) and an fp32 matmul per expert; same contract,
@@ -349,9 +473,16 @@ def moe_gemm_ref(
     are always zero here)."""
     call = _check_call(
         a, weight, sorted_ids, block_expert_ids, num_padded, top_k, a_rows, bias, topk_weights,
-        out_dtype, config, activation, layout,
+        out_dtype, config, activation, layout, act, a_scale, compute_dtype,
     )
+    choose_dot(act, call.op, call.config.block_k, a.device, dot)  # same errors as moe_gemm
     op, bm = call.op, call.config.block_m
+    if act is None:
+        a = a.float()
+    elif act.placement is ActPlacement.ROW_KERNEL:
+        a = a.float() * a_scale[:, None]
+    else:
+        a = fake_quantize_ref(a, act)
     out = torch.zeros(call.num_pairs, call.n_out, dtype=torch.float32, device=a.device)
     used = min(int(call.num_padded[0]), call.sorted_ids.numel())
     pairs = call.sorted_ids[:used].long()
@@ -361,7 +492,7 @@ def moe_gemm_ref(
     for e in experts[ok].unique().tolist():
         p = pairs[ok & (experts == e)]
         rows = p // call.top_k if call.a_rows is ARows.TOKENS else p
-        y = a[rows].float() @ w[e].T
+        y = a[rows] @ w[e].T
         if call.bias is not None:
             y = y + call.bias[e].float()
         if call.activation is not None:
@@ -372,4 +503,7 @@ def moe_gemm_ref(
     return out.to(call.out_dtype)
 
 
-__all__ = ["ARows", "DroppedRows", "EpilogueAct", "kernel_is_interpreted", "moe_gemm", "moe_gemm_ref"]
+__all__ = [
+    "ARows", "DotKind", "DotPreference", "DroppedRows", "EpilogueAct", "choose_dot", "kernel_is_interpreted",
+    "moe_gemm", "moe_gemm_ref", "native_dot_blocker",
+]
