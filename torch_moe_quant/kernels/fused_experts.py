@@ -8,26 +8,33 @@ Pipeline (each step is the step of ``reference.moe_forward`` it replaces):
    host sync for the id range, skipped while compiling or capturing a CUDA
    graph) and zero-pad ``hidden_states`` to the experts' padded hidden size;
 2. ``apply_router_weight_on_input`` (top_k = 1): scale each token in fp32;
-3. activation QDQ of the first GEMM's input when the scheme quantizes
-   activations (``reference.activation_qdq``, fp32, torch), then cast to
-   the compute dtype (``hidden_states.dtype``);
+3. activation quantization of the first GEMM's input when the scheme
+   quantizes activations (``act_quant.ActQuant``): dynamic per-token fp8/int8
+   through ``act_quant.quantize_rows`` (one launch: codes + fp32 row
+   scales); every other spec in the GEMM's prologue (no launch, no torch op);
+   bit-exact with ``reference.activation_qdq``;
 4. ``align.align_unchecked`` (one Triton program at decode sizes);
 5. GEMM1 (``w13`` + ``w13_bias``) with the activation in its epilogue ->
    ``[M * k, I]``, in the compute dtype, or fp32 when the scheme quantizes
-   the second GEMM's input (QDQ in torch, then the cast);
+   the second GEMM's input (so its quantizer sees the reference's values);
+   per-row schemes then run ``quantize_rows`` on it, group / static schemes
+   quantize it in GEMM2's prologue; fp8 / int8 codes go through the native
+   tensor-core dot where ``moe_gemm.choose_dot`` allows it;
 6. GEMM2 (``w2`` + ``w2_bias``, rows = pairs, times the routing weight
    unless it was applied on the input) -> ``[M * k, H_padded]`` in the
    compute dtype;
 7. ``combine.combine_topk``: sum over the k slots in fp32, cut to
    ``hidden_size``, cast.
 
-So a weight-only scheme at decode is four launches: align, two GEMMs, combine.
+So a weight-only or prologue-quantized scheme at decode is four launches:
+align, two GEMMs, combine (six for per-row schemes). ``fused_experts_ref``
+keeps the torch QDQ (``formats``) in its twins.
 Rows of pairs routed to experts not on this rank (``expert_map[id] == -1``)
 are never computed nor read. Weight formats without a kernel path raise
 ``NotImplementedError`` naming the format (``supported_weight_formats``).
-Differences from the reference are roundings only: GEMM inputs and the
-per-pair outputs are rounded to the compute dtype (the reference keeps fp32),
-and fp32 accumulation order differs.
+Differences from the reference are roundings only: GEMM inputs on the
+compute-dtype path and the per-pair outputs are rounded to the compute dtype
+(the reference keeps fp32), and fp32 accumulation order differs.
 """
 
 from __future__ import annotations
@@ -41,10 +48,11 @@ import dataclasses
 from ..activations import Activation
 from ..experts import QuantizedExperts
 from ..formats.core import Format
-from ..reference import activation_qdq, validate_call
+from ..reference import validate_call
 from ._operand import CODECS, FLOAT_DTYPES, check_format_supported
+from .act_quant import ActPlacement, ActQuant, quantize_rows, quantize_rows_ref
 from .autotune import config_for
-from .config import KernelConfig, GemmProblem, select_config
+from .config import KernelConfig, GemmProblem, fit_activation, select_config
 from .align import align_unchecked
 from .combine import combine_topk, combine_topk_ref
 from .moe_gemm import ARows, DroppedRows, moe_gemm, moe_gemm_ref
@@ -52,19 +60,23 @@ from .moe_gemm import ARows, DroppedRows, moe_gemm, moe_gemm_ref
 
 @dataclasses.dataclass(frozen=True)
 class _Steps:
-    """The three kernels of the pipeline: Triton or their torch twins."""
+    """The kernels of the pipeline: Triton or their torch twins."""
 
     align: Callable
     gemm: Callable[..., torch.Tensor]
     combine: Callable[..., torch.Tensor]
+    quantize_rows: Callable[..., tuple]
 
 
 def _align_ref(topk_ids, num_experts, block_size, expert_map):
     return torch.ops.moe_quant.align(topk_ids, num_experts, block_size, expert_map)
 
 
-_TRITON = _Steps(align_unchecked, moe_gemm, combine_topk)
-_REFERENCE = _Steps(_align_ref, moe_gemm_ref, combine_topk_ref)
+_TRITON = _Steps(align_unchecked, moe_gemm, combine_topk, quantize_rows)
+_REFERENCE = _Steps(_align_ref, moe_gemm_ref, combine_topk_ref, quantize_rows_ref)
+
+
+_ALIGNED = ("sorted_ids", "block_expert_ids", "num_padded")
 
 
 def supported_weight_formats() -> FrozenSet[Format]:
@@ -102,8 +114,8 @@ def _run(
         return hidden_states.new_zeros(0, experts.hidden_size)
 
     spec = experts.scheme.activation
-    qdq13 = activation_qdq(spec, experts.a13_scale)
-    qdq2 = activation_qdq(spec, experts.a2_scale)
+    act13 = ActQuant.of(spec, experts.a13_scale, "experts.a13_scale")
+    act2 = ActQuant.of(spec, experts.a2_scale, "experts.a2_scale")
     n13, h_pad = experts.w13.shape[1], experts.padded_hidden_size
     i_pad = experts.padded_intermediate_size
 
@@ -114,34 +126,47 @@ def _run(
             aligned[block_m] = steps.align(topk_ids, E, block_m, expert_map)
         return aligned[block_m]
 
-    def cfg(n: int, k: int, run) -> KernelConfig:
+    def cfg(n: int, k: int, act: Optional[ActQuant], run) -> KernelConfig:
         if config is not None:
-            return config
+            return fit_activation(config, act)
         problem = GemmProblem(M, n, k, E, top_k, cdt)
         if steps is _REFERENCE:
-            return select_config(problem, experts.scheme, x.device)
-        return config_for(problem, experts.scheme.weight, x.device, run)  # heuristic unless autotune is on
+            return fit_activation(select_config(problem, experts.scheme, x.device), act)
+        # heuristic unless autotune is on
+        return fit_activation(config_for(problem, experts.scheme.weight, x.device, run), act)
+
+    def gemm_input(a: torch.Tensor, act: Optional[ActQuant]) -> dict:
+        """The GEMM's input: per-row activations quantized by the row kernel
+        (codes + row scales), everything else as is (QDQ in the prologue)."""
+        if act is not None and act.placement is ActPlacement.ROW_KERNEL:
+            codes, scale = steps.quantize_rows(a, act)
+            return dict(a=codes, a_scale=scale)
+        return dict(a=a)
 
     if apply_router_weight_on_input:
         x = x * topk_weights.to(x.dtype)[:, :1]
-    a1 = (x if spec is None else qdq13(x)).to(cdt)
+    # the quantizers read fp32 values; x.to(cdt) is exact unless the router weight scaled x
+    in1 = gemm_input(x if (spec is not None and apply_router_weight_on_input) else x.to(cdt), act13)
     gemm1 = dict(
-        top_k=top_k, a_rows=ARows.TOKENS, bias=experts.w13_bias,
-        out_dtype=cdt if spec is None else torch.float32, activation=act, layout=experts.layout,
-        # the QDQ below reads every row (a garbage row could hold NaN): zero the dropped ones
-        dropped=DroppedRows.UNWRITTEN if spec is None else DroppedRows.ZERO,
+        top_k=top_k, a_rows=ARows.TOKENS, bias=experts.w13_bias, act=act13, compute_dtype=cdt,
+        # fp32 when the second GEMM's input is quantized: its quantizer sees the reference's values
+        out_dtype=cdt if act2 is None else torch.float32, activation=act, layout=experts.layout,
+        dropped=DroppedRows.UNWRITTEN,  # rows of dropped pairs are never read (the row kernel's are unused)
     )
-    run1 = lambda c: steps.gemm(a1, experts.w13, *align(c.block_m), config=c, **gemm1)  # noqa: E731
-    a2 = run1(cfg(n13, h_pad, run1))
-    if spec is not None:
-        a2 = qdq2(a2).to(cdt)
+    run1 = lambda c: steps.gemm(  # noqa: E731
+        weight=experts.w13, **in1, **dict(zip(_ALIGNED, align(c.block_m))), config=fit_activation(c, act13), **gemm1
+    )
+    a2 = run1(cfg(n13, h_pad, act13, run1))
+    in2 = gemm_input(a2, act2)
     gemm2 = dict(
-        top_k=top_k, a_rows=ARows.PAIRS, bias=experts.w2_bias,
+        top_k=top_k, a_rows=ARows.PAIRS, bias=experts.w2_bias, act=act2, compute_dtype=cdt,
         topk_weights=None if apply_router_weight_on_input else topk_weights,
         out_dtype=cdt, dropped=DroppedRows.UNWRITTEN,
     )
-    run2 = lambda c: steps.gemm(a2, experts.w2, *align(c.block_m), config=c, **gemm2)  # noqa: E731
-    y = run2(cfg(h_pad, i_pad, run2))
+    run2 = lambda c: steps.gemm(  # noqa: E731
+        weight=experts.w2, **in2, **dict(zip(_ALIGNED, align(c.block_m))), config=fit_activation(c, act2), **gemm2
+    )
+    y = run2(cfg(h_pad, i_pad, act2, run2))
     return steps.combine(
         y, topk_ids, num_experts=E, hidden=experts.hidden_size, out_dtype=cdt, expert_map=expert_map
     )
