@@ -178,9 +178,9 @@ def test_kernels_call_only_triton_builtins():
     import triton.language as tl
     from triton.runtime.jit import JITFunction
 
-    from torch_moe_quant.kernels import _align_kernel, _combine_kernel, _gemm_kernel
+    from torch_moe_quant.kernels import _act_quant_kernel, _align_kernel, _combine_kernel, _gemm_kernel
 
-    for module in (_gemm_kernel, _align_kernel, _combine_kernel):
+    for module in (_gemm_kernel, _align_kernel, _combine_kernel, _act_quant_kernel):
         with open(module.__file__) as f:
             tree = ast.parse(f.read())
         used = {
