@@ -278,6 +278,31 @@ def quantize_activation_ref(x: torch.Tensor, act: ActQuant) -> QuantizedRows:
     return QuantizedRows(codes, q.scale, values)
 
 
+def qdq_rows(x: torch.Tensor, act: ActQuant, out_dtype: torch.dtype) -> torch.Tensor:
+    """Quantize-dequantize ``x [rows, K]`` in one launch (the device helpers
+    of ``quantize_activation``), values written in ``out_dtype``: the
+    pipeline's separate QDQ pass for tile-local scales (``fused_experts.ActInput``).
+    Equals ``fake_quantize_ref(x, act).to(out_dtype)`` (the fp32 values are
+    bit-exact; the store rounds them to ``out_dtype``)."""
+    _check_x(x, act)
+    if act.scale is ActScale.DYNAMIC_ROW:
+        raise ValueError(f"act: per-row activations go through quantize_rows, got {act.spec}")
+    rows, k = x.shape
+    values = torch.empty(rows, k, dtype=out_dtype, device=x.device)
+    if rows and k:
+        codes = torch.empty(rows, k, dtype=torch.uint8, device=x.device)  # scratch
+        groups = 1 if act.scale is ActScale.STATIC_TENSOR else k // act.group
+        sdt = torch.float32 if act.scale is ActScale.DYNAMIC_GROUP else torch.uint8
+        scale = torch.empty(rows, groups, dtype=sdt, device=x.device)  # scratch
+        _launch(x, act, codes, scale, values, _block_k(act, k))
+    return values
+
+
+def qdq_rows_ref(x: torch.Tensor, act: ActQuant, out_dtype: torch.dtype) -> torch.Tensor:
+    """Twin of ``qdq_rows`` on ``formats``."""
+    return fake_quantize_ref(x, act).to(out_dtype)
+
+
 def fake_quantize_ref(a: torch.Tensor, act: Optional[ActQuant]) -> torch.Tensor:
     """fp32 QDQ of ``a`` as ``reference.activation_qdq`` (identity for None)."""
     if act is None:
@@ -292,6 +317,8 @@ __all__ = [
     "ActScale",
     "QuantizedRows",
     "fake_quantize_ref",
+    "qdq_rows",
+    "qdq_rows_ref",
     "quantize_activation",
     "quantize_activation_ref",
     "quantize_rows",

@@ -11,14 +11,16 @@ Pipeline (each step is the step of ``reference.moe_forward`` it replaces):
 3. activation quantization of the first GEMM's input when the scheme
    quantizes activations (``act_quant.ActQuant``): dynamic per-token fp8/int8
    through ``act_quant.quantize_rows`` (one launch: codes + fp32 row
-   scales); every other spec in the GEMM's prologue (no launch, no torch op);
-   bit-exact with ``reference.activation_qdq``;
+   scales); every other spec (static per-tensor, groups of 16/32/128) as
+   ``ActInput`` says: by default ``act_quant.qdq_rows`` (one launch writing
+   the quantize-dequantized values in the compute dtype), or in the GEMM's
+   prologue (no launch); bit-exact with ``reference.activation_qdq``;
 4. ``align.align_unchecked`` (one Triton program at decode sizes);
 5. GEMM1 (``w13`` + ``w13_bias``) with the activation in its epilogue ->
    ``[M * k, I]``, in the compute dtype, or fp32 when the scheme quantizes
    the second GEMM's input (so its quantizer sees the reference's values);
    per-row schemes then run ``quantize_rows`` on it, group / static schemes
-   quantize it in GEMM2's prologue; fp8 / int8 codes go through the native
+   ``qdq_rows`` (or GEMM2's prologue); fp8 / int8 codes go through the native
    tensor-core dot where ``moe_gemm.choose_dot`` allows it;
 6. GEMM2 (``w2`` + ``w2_bias``, rows = pairs, times the routing weight
    unless it was applied on the input) -> ``[M * k, H_padded]`` in the
@@ -26,8 +28,9 @@ Pipeline (each step is the step of ``reference.moe_forward`` it replaces):
 7. ``combine.combine_topk``: sum over the k slots in fp32, cut to
    ``hidden_size``, cast.
 
-So a weight-only or prologue-quantized scheme at decode is four launches:
-align, two GEMMs, combine (six for per-row schemes). ``fused_experts_ref``
+So a weight-only scheme at decode is four launches: align, two GEMMs,
+combine (six for schemes that quantize activations, four with
+``ActInput.PROLOGUE``). ``fused_experts_ref``
 keeps the torch QDQ (``formats``) in its twins.
 Rows of pairs routed to experts not on this rank (``expert_map[id] == -1``)
 are never computed nor read. Weight formats without a kernel path raise
@@ -44,18 +47,38 @@ from typing import Callable, Dict, FrozenSet, Optional, Union
 import torch
 
 import dataclasses
+import enum
 
 from ..activations import Activation
 from ..experts import QuantizedExperts
 from ..formats.core import Format
 from ..reference import validate_call
 from ._operand import CODECS, FLOAT_DTYPES, check_format_supported
-from .act_quant import ActPlacement, ActQuant, quantize_rows, quantize_rows_ref
+from .act_quant import ActPlacement, ActQuant, qdq_rows, qdq_rows_ref, quantize_rows, quantize_rows_ref
 from .autotune import config_for
 from .config import KernelConfig, GemmProblem, fit_activation, select_config
 from .align import align_unchecked
 from .combine import combine_topk, combine_topk_ref
 from .moe_gemm import ARows, DroppedRows, moe_gemm, moe_gemm_ref
+
+
+class ActInput(enum.Enum):
+    """How the pipeline quantizes a GEMM input whose scale is local to a K
+    tile (static per-tensor, groups of 16 / 32 / 128); per-row activations
+    always take ``quantize_rows`` + the codes GEMM.
+
+    ``QDQ_KERNEL`` (default): one ``qdq_rows`` launch, then the GEMM on
+    compute-dtype values. ``PROLOGUE``: the GEMM quantizes each A tile in
+    registers (no launch), once per N tile. Measured on the H100 (triton 3.6,
+    bench/results/h100.md), the prologue was the slower one past decode:
+    qwen3-30b-a3b M=16 mxfp4_w4a4 1.64 ms vs 0.82 ms with the (then torch)
+    QDQ pass, fp8_w8a8_block128 2.3 ms vs 0.32 ms, gpt-oss M=4096
+    fp8_w8a8_tensor_static 14.4 vs 7.3 ms; it won only at M=1 against the
+    many-op torch QDQ (mxfp6_e2m3_w6a6 0.21 vs 0.49 ms), which the one-launch
+    ``qdq_rows`` replaces."""
+
+    QDQ_KERNEL = "qdq_kernel"
+    PROLOGUE = "prologue"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,14 +89,15 @@ class _Steps:
     gemm: Callable[..., torch.Tensor]
     combine: Callable[..., torch.Tensor]
     quantize_rows: Callable[..., tuple]
+    qdq_rows: Callable[..., torch.Tensor]
 
 
 def _align_ref(topk_ids, num_experts, block_size, expert_map):
     return torch.ops.moe_quant.align(topk_ids, num_experts, block_size, expert_map)
 
 
-_TRITON = _Steps(align_unchecked, moe_gemm, combine_topk, quantize_rows)
-_REFERENCE = _Steps(_align_ref, moe_gemm_ref, combine_topk_ref, quantize_rows_ref)
+_TRITON = _Steps(align_unchecked, moe_gemm, combine_topk, quantize_rows, qdq_rows)
+_REFERENCE = _Steps(_align_ref, moe_gemm_ref, combine_topk_ref, quantize_rows_ref, qdq_rows_ref)
 
 
 _ALIGNED = ("sorted_ids", "block_expert_ids", "num_padded")
@@ -94,7 +118,10 @@ def _run(
     expert_map: Optional[torch.Tensor],
     apply_router_weight_on_input: bool,
     config: Optional[KernelConfig],
+    act_input: ActInput,
 ) -> torch.Tensor:
+    if not isinstance(act_input, ActInput):
+        raise TypeError(f"act_input must be an ActInput, got {act_input!r}")
     if isinstance(hidden_states, torch.Tensor) and hidden_states.dtype not in FLOAT_DTYPES:
         raise TypeError(
             f"hidden_states must be bfloat16, float16 or float32 for the Triton path, got {hidden_states.dtype}"
@@ -136,37 +163,42 @@ def _run(
         return fit_activation(config_for(problem, experts.scheme.weight, x.device, run), act)
 
     def gemm_input(a: torch.Tensor, act: Optional[ActQuant]) -> dict:
-        """The GEMM's input: per-row activations quantized by the row kernel
-        (codes + row scales), everything else as is (QDQ in the prologue)."""
-        if act is not None and act.placement is ActPlacement.ROW_KERNEL:
+        """The GEMM's input and activation quantization: per-row activations
+        as codes + row scales (row kernel), tile-local ones as ``act_input``
+        says (QDQ values in the compute dtype, or ``act`` for the prologue)."""
+        if act is None:
+            return dict(a=a, act=None)
+        if act.placement is ActPlacement.ROW_KERNEL:
             codes, scale = steps.quantize_rows(a, act)
-            return dict(a=codes, a_scale=scale)
-        return dict(a=a)
+            return dict(a=codes, a_scale=scale, act=act)
+        if act_input is ActInput.QDQ_KERNEL:
+            return dict(a=steps.qdq_rows(a, act, cdt), act=None)
+        return dict(a=a, act=act)
 
     if apply_router_weight_on_input:
         x = x * topk_weights.to(x.dtype)[:, :1]
     # the quantizers read fp32 values; x.to(cdt) is exact unless the router weight scaled x
     in1 = gemm_input(x if (spec is not None and apply_router_weight_on_input) else x.to(cdt), act13)
     gemm1 = dict(
-        top_k=top_k, a_rows=ARows.TOKENS, bias=experts.w13_bias, act=act13, compute_dtype=cdt,
+        top_k=top_k, a_rows=ARows.TOKENS, bias=experts.w13_bias, compute_dtype=cdt,
         # fp32 when the second GEMM's input is quantized: its quantizer sees the reference's values
         out_dtype=cdt if act2 is None else torch.float32, activation=act, layout=experts.layout,
         dropped=DroppedRows.UNWRITTEN,  # rows of dropped pairs are never read (the row kernel's are unused)
     )
     run1 = lambda c: steps.gemm(  # noqa: E731
-        weight=experts.w13, **in1, **dict(zip(_ALIGNED, align(c.block_m))), config=fit_activation(c, act13), **gemm1
+        weight=experts.w13, **in1, **dict(zip(_ALIGNED, align(c.block_m))), config=fit_activation(c, in1["act"]), **gemm1
     )
-    a2 = run1(cfg(n13, h_pad, act13, run1))
+    a2 = run1(cfg(n13, h_pad, in1["act"], run1))
     in2 = gemm_input(a2, act2)
     gemm2 = dict(
-        top_k=top_k, a_rows=ARows.PAIRS, bias=experts.w2_bias, act=act2, compute_dtype=cdt,
+        top_k=top_k, a_rows=ARows.PAIRS, bias=experts.w2_bias, compute_dtype=cdt,
         topk_weights=None if apply_router_weight_on_input else topk_weights,
         out_dtype=cdt, dropped=DroppedRows.UNWRITTEN,
     )
     run2 = lambda c: steps.gemm(  # noqa: E731
-        weight=experts.w2, **in2, **dict(zip(_ALIGNED, align(c.block_m))), config=fit_activation(c, act2), **gemm2
+        weight=experts.w2, **in2, **dict(zip(_ALIGNED, align(c.block_m))), config=fit_activation(c, in2["act"]), **gemm2
     )
-    y = run2(cfg(h_pad, i_pad, act2, run2))
+    y = run2(cfg(h_pad, i_pad, in2["act"], run2))
     return steps.combine(
         y, topk_ids, num_experts=E, hidden=experts.hidden_size, out_dtype=cdt, expert_map=expert_map
     )
@@ -182,14 +214,16 @@ def fused_experts_triton(
     expert_map: Optional[torch.Tensor] = None,
     apply_router_weight_on_input: bool = False,
     config: Optional[KernelConfig] = None,
+    act_input: ActInput = ActInput.QDQ_KERNEL,
 ) -> torch.Tensor:
     """MoE forward on the Triton grouped GEMM (module docstring); same
     contract as ``reference.fused_moe`` for bf16/fp16/fp32 ``hidden_states``.
     ``config`` (optional) is used for both GEMMs; by default each gets
-    ``select_config``."""
+    ``select_config``. ``act_input``: where tile-local activation scales are
+    applied (``ActInput``)."""
     return _run(
         _TRITON, hidden_states, experts, topk_weights, topk_ids, activation, expert_map,
-        apply_router_weight_on_input, config,
+        apply_router_weight_on_input, config, act_input,
     )
 
 
@@ -203,13 +237,14 @@ def fused_experts_ref(
     expert_map: Optional[torch.Tensor] = None,
     apply_router_weight_on_input: bool = False,
     config: Optional[KernelConfig] = None,
+    act_input: ActInput = ActInput.QDQ_KERNEL,
 ) -> torch.Tensor:
     """Twin of ``fused_experts_triton``: the same pipeline on the torch twins
     (``moe.quant.align`` op, ``moe_gemm_ref``, ``combine_topk_ref``)."""
     return _run(
         _REFERENCE, hidden_states, experts, topk_weights, topk_ids, activation, expert_map,
-        apply_router_weight_on_input, config,
+        apply_router_weight_on_input, config, act_input,
     )
 
 
-__all__ = ["fused_experts_ref", "fused_experts_triton", "supported_weight_formats"]
+__all__ = ["ActInput", "fused_experts_ref", "fused_experts_triton", "supported_weight_formats"]
