@@ -18,12 +18,12 @@ CUDA graph. Prints a markdown table; exits non-zero if any id differs.
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 
 import torch
 
 from torch_moe_quant import routing
+from torch_moe_quant.kernels.autotune import cuda_time_ms
 from torch_moe_quant.kernels.route import check_route, route_triton, route_unchecked
 from torch_moe_quant.routing import RoutingMethod
 
@@ -43,17 +43,9 @@ def _kwargs(method, E, groups, device):
 
 
 def _median_ms(fn, iters):
-    for _ in range(5):
+    for _ in range(4):  # cuda_time_ms warms up once more
         fn()
-    times = []
-    for _ in range(iters):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
+    return cuda_time_ms(fn, iters)
 
 
 def _graph_ms(fn, iters, calls=10):

@@ -123,16 +123,9 @@ def route(
     return weights.float().contiguous(), ids.to(torch.int32).contiguous()
 
 
-def _deepseek_v3(logits, top_k, correction_bias, num_groups, topk_groups):
-    """DeepSeek-V3 ``noaux_tc`` routing.
-
-    scores = sigmoid(logits); choice = scores + correction_bias; each of
-    ``num_groups`` groups is scored by the sum of its two best ``choice``
-    values; the best ``topk_groups`` groups stay eligible; the top k of
-    ``choice`` among eligible experts are chosen; their weights are the
-    unbiased ``scores``, renormalized to sum to 1.
-    """
-    M, E = logits.shape
+def deepseek_groups(E: int, top_k: int, num_groups, topk_groups) -> Tuple[int, int, int]:
+    """Validated DeepSeek-V3 grouping ``(num_groups, topk_groups, per_group)``
+    (defaults: one group, all groups kept); errors name the argument."""
     num_groups = 1 if num_groups is None else num_groups
     topk_groups = num_groups if topk_groups is None else topk_groups
     if not isinstance(num_groups, int) or num_groups < 1 or E % num_groups:
@@ -147,16 +140,36 @@ def _deepseek_v3(logits, top_k, correction_bias, num_groups, topk_groups):
             f"top_k={top_k} exceeds the experts in the kept groups "
             f"(topk_groups={topk_groups} x {per_group} experts per group)"
         )
+    return num_groups, topk_groups, per_group
+
+
+def check_correction_bias(correction_bias, E: int) -> None:
+    """A DeepSeek-V3 correction bias is a ``[E]`` tensor without NaN (values
+    checked when they can be read)."""
+    if not isinstance(correction_bias, torch.Tensor) or correction_bias.shape != (E,):
+        raise ValueError(
+            f"correction_bias must be a tensor of shape ({E},), got "
+            f"{getattr(correction_bias, 'shape', type(correction_bias).__name__)}"
+        )
+    if values_available(correction_bias) and torch.isnan(correction_bias).any():
+        raise ValueError("correction_bias contains NaN")
+
+
+def _deepseek_v3(logits, top_k, correction_bias, num_groups, topk_groups):
+    """DeepSeek-V3 ``noaux_tc`` routing.
+
+    scores = sigmoid(logits); choice = scores + correction_bias; each of
+    ``num_groups`` groups is scored by the sum of its two best ``choice``
+    values; the best ``topk_groups`` groups stay eligible; the top k of
+    ``choice`` among eligible experts are chosen; their weights are the
+    unbiased ``scores``, renormalized to sum to 1.
+    """
+    M, E = logits.shape
+    num_groups, topk_groups, per_group = deepseek_groups(E, top_k, num_groups, topk_groups)
     scores = logits.sigmoid()
     choice = scores
     if correction_bias is not None:
-        if not isinstance(correction_bias, torch.Tensor) or correction_bias.shape != (E,):
-            raise ValueError(
-                f"correction_bias must be a tensor of shape ({E},), got "
-                f"{getattr(correction_bias, 'shape', type(correction_bias).__name__)}"
-            )
-        if values_available(correction_bias) and torch.isnan(correction_bias).any():
-            raise ValueError("correction_bias contains NaN")
+        check_correction_bias(correction_bias, E)
         choice = scores + correction_bias.float()
     if num_groups > 1:
         grouped = choice.view(M, num_groups, per_group)

@@ -30,8 +30,7 @@ from typing import Optional, Tuple, Union
 
 import torch
 
-from ..formats.core import values_available
-from ..routing import RoutingMethod, _as_method, _check_route_args, route
+from ..routing import RoutingMethod, _as_method, _check_route_args, check_correction_bias, deepseek_groups, route
 
 #: most experts the kernel holds in registers (larger E runs the reference)
 MAX_EXPERTS = 4096
@@ -121,28 +120,9 @@ def check_route(
             )
         return RouteArgs(method, top_k, 1, 1)
     E = router_logits.shape[1]
-    num_groups = 1 if num_groups is None else num_groups
-    topk_groups = num_groups if topk_groups is None else topk_groups
-    if not isinstance(num_groups, int) or num_groups < 1 or E % num_groups:
-        raise ValueError(
-            f"num_groups must be a positive int dividing num_experts={E}, got {num_groups!r}"
-        )
-    if not isinstance(topk_groups, int) or not 1 <= topk_groups <= num_groups:
-        raise ValueError(f"topk_groups must be an int in [1, num_groups={num_groups}], got {topk_groups!r}")
-    per_group = E // num_groups
-    if top_k > topk_groups * per_group:
-        raise ValueError(
-            f"top_k={top_k} exceeds the experts in the kept groups "
-            f"(topk_groups={topk_groups} x {per_group} experts per group)"
-        )
+    num_groups, topk_groups, _ = deepseek_groups(E, top_k, num_groups, topk_groups)
     if correction_bias is not None:
-        if not isinstance(correction_bias, torch.Tensor) or correction_bias.shape != (E,):
-            raise ValueError(
-                f"correction_bias must be a tensor of shape ({E},), got "
-                f"{getattr(correction_bias, 'shape', type(correction_bias).__name__)}"
-            )
-        if values_available(correction_bias) and torch.isnan(correction_bias).any():
-            raise ValueError("correction_bias contains NaN")
+        check_correction_bias(correction_bias, E)
         if correction_bias.device != router_logits.device:
             raise ValueError(
                 f"correction_bias must be on router_logits' device {router_logits.device}, "
