@@ -153,6 +153,14 @@ class ActQuant:
         """dtype of the codes ``quantize_rows`` writes (fp8 / int8 elements only)."""
         return CODE_DTYPES[self.element]
 
+    def as_row_codes(self) -> "ActQuant":
+        """How the GEMM sees this input once ``quantize_rows`` turned it into
+        codes + one fp32 scale per row (``ROW_KERNEL`` placement), whether the
+        scales came from each row (dynamic) or are the static one repeated."""
+        if self.scale not in (ActScale.DYNAMIC_ROW, ActScale.STATIC_TENSOR) or self.element not in CODE_DTYPES:
+            raise ValueError(f"{self.spec}: only fp8 / int8 per-row or per-tensor activations become row codes")
+        return dataclasses.replace(self, scale=ActScale.DYNAMIC_ROW, group=0, static_scale=None)
+
     def check_k(self, k: int, name: str) -> None:
         """``k`` must be a multiple of the group (ValueError naming ``name``)."""
         if self.group and k % self.group:
@@ -207,25 +215,42 @@ def _block_k(act: ActQuant, k: int) -> int:
     return max(b, act.group)
 
 
+def _check_row_codes(act: ActQuant) -> None:
+    if act.scale not in (ActScale.DYNAMIC_ROW, ActScale.STATIC_TENSOR) or act.element not in CODE_DTYPES:
+        raise ValueError(
+            f"act: quantize_rows is for fp8 / int8 per-row or static per-tensor activations, got {act.spec}"
+        )
+
+
 def quantize_rows(x: torch.Tensor, act: ActQuant) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Dynamic per-row quantization of ``x [rows, K]`` (fp16/bf16/fp32) in one
+    """fp8 / int8 quantization of ``x [rows, K]`` (fp16/bf16/fp32) in one
     Triton launch: ``(codes [rows, K] in act.code_dtype, fp32 scales [rows])``,
-    bit-exact with ``formats.quantize(x.float(), fmt, PerRow())``."""
+    bit-exact with ``formats.quantize(x.float(), fmt, PerRow())`` (dynamic)
+    or ``formats.quantize(x.float(), fmt, PerTensor(), scale=static_scale)``
+    (static: every row gets the static scale). The GEMM reads the result as
+    ``act.as_row_codes()``."""
     _check_x(x, act)
-    if act.scale is not ActScale.DYNAMIC_ROW:
-        raise ValueError(f"act: quantize_rows is for dynamic per-row activations, got {act.spec}")
+    _check_row_codes(act)
     rows, k = x.shape
     codes = torch.empty(rows, k, dtype=act.code_dtype, device=x.device)
-    scale = torch.empty(rows, dtype=torch.float32, device=x.device)
+    if act.scale is ActScale.STATIC_TENSOR:
+        scale = act.static_scale.expand(rows).contiguous()
+        written = torch.empty(1, dtype=torch.float32, device=x.device)  # not written by the kernel
+    else:
+        scale = written = torch.empty(rows, dtype=torch.float32, device=x.device)
     if rows and k:
         store = codes.view(torch.uint8) if act.element is ActElement.FP8_E4M3 else codes
-        _launch(x, act, store, scale, None, _block_k(act, k))
+        _launch(x, act, store, written, None, _block_k(act, k))
     return codes, scale
 
 
 def quantize_rows_ref(x: torch.Tensor, act: ActQuant) -> Tuple[torch.Tensor, torch.Tensor]:
     """Twin of ``quantize_rows`` on ``formats.quantize``."""
     _check_x(x, act)
+    _check_row_codes(act)
+    if act.scale is ActScale.STATIC_TENSOR:
+        q = formats.quantize(x.float(), act.spec.fmt, PerTensor(), scale=act.static_scale.reshape(1, 1))
+        return q.data, act.static_scale.expand(x.shape[0]).contiguous()
     q = formats.quantize(x.float(), act.spec.fmt, PerRow())
     return q.data, q.scale.reshape(-1)
 
