@@ -35,13 +35,13 @@ from expecttest import assert_expected_inline
 from moe_cases import rel_err
 from torch._dynamo.utils import counters
 from torch._inductor import config as inductor_config
-from torch._inductor.custom_graph_pass import CustomGraphPass, get_custom_graph_passes
+from torch._inductor.custom_graph_pass import CustomGraphPass
 from torch._inductor.utils import run_and_get_code
 
 import torch_moe_quant as tmq
 from torch_moe_quant import formats, lowerings
 from torch_moe_quant.formats.core import QuantizedTensor
-from torch_moe_quant.lowerings.install import CONFIG_KEY, pass_sources
+from torch_moe_quant.lowerings.install import CONFIG_KEY, _config_value, get_custom_graph_passes, pass_sources
 
 transformers = pytest.importorskip("transformers")
 from transformers import AutoConfig  # noqa: E402
@@ -667,7 +667,7 @@ class _CaptureGraph(CustomGraphPass):
 def rewritten_graph(fn, *args):
     capture = _CaptureGraph()
     passes = (*get_custom_graph_passes(getattr(inductor_config, CONFIG_KEY)), capture)
-    with inductor_config.patch({CONFIG_KEY: passes}), torch.no_grad():
+    with inductor_config.patch({CONFIG_KEY: _config_value(passes)}), torch.no_grad():
         torch.compile(fn, fullgraph=True)(*args)
     (graph,) = capture.graphs
     return graph

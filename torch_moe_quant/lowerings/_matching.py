@@ -4,8 +4,9 @@ registering ``fwd_only`` replacements with counted extra checks."""
 from __future__ import annotations
 
 import dataclasses
+import functools
 import inspect
-from typing import Callable, Mapping, Sequence, Tuple
+from typing import Callable, Dict, Mapping, Sequence, Tuple
 
 import torch
 from torch._dynamo.utils import counters
@@ -75,27 +76,50 @@ class Rewrite:
     magic: Mapping[str, int]
 
     def register(self, pass_dict: PatternMatcherPass) -> None:
+        traced: Dict[str, object] = {}
+        search = _recording(self.search, traced)
         for dtype in self.example_dtypes:
             examples = [torch.empty(shape, dtype=dtype) for shape in self.example_shapes]
             register_replacement(
-                self.search,
+                search,
                 self.replace,
                 examples,
                 fwd_only_as_post_grad,
                 pass_dict,
-                extra_check=_counted(self.name, all_of(_binds(tuple(self.magic)), self.check)),
+                extra_check=_counted(self.name, all_of(_binds(tuple(self.magic), traced), self.check)),
                 scalar_workaround=dict(self.magic),
                 **name_kwargs(self.name),
             )
 
 
-def _binds(names: Tuple[str, ...]) -> Check:
-    """The match bound every magic int to a keyword argument. torch 2.11's
-    matcher leaves some unbound (found on the H100: ``KeyError: 'top_k'`` in
-    a check, which failed the user's compile); without them a rewrite cannot
-    be verified, so it does not apply."""
+def _recording(search: Callable, traced: Dict[str, object]) -> Callable:
+    """``search`` (same signature), keeping the arguments of its latest call
+    in ``traced``: torch 2.11 re-traces it with the matched values right
+    before the extra check (see ``_binds``)."""
+    signature = inspect.signature(search)
+
+    @functools.wraps(search)
+    def recorded(*args, **kwargs):
+        traced.clear()
+        traced.update(signature.bind(*args, **kwargs).arguments)
+        return search(*args, **kwargs)
+
+    return recorded
+
+
+def _binds(names: Tuple[str, ...], traced: Dict[str, object]) -> Check:
+    """Every magic int is in ``match.kwargs``. torch >= 2.12 hands the check
+    the match that bound them. torch 2.11 hands it the match of a pattern
+    re-traced with the matched values, which binds the tensors only (found
+    on the H100: ``KeyError: 'top_k'`` failed the user's compile): there the
+    ints are taken from that re-trace (``_recording``), which ran just
+    before this check in the same thread, and only if every one is there
+    as an int; otherwise the rewrite does not apply."""
 
     def check(match: Match) -> bool:
+        missing = [n for n in names if n not in match.kwargs]
+        if missing and all(isinstance(traced.get(n), int) for n in missing):
+            match.kwargs.update({n: traced[n] for n in missing})
         return all(n in match.kwargs for n in names)
 
     return check
