@@ -57,6 +57,8 @@ ROUTE_CALL = "torch.ops.moe_quant.route.default"
 #: the whole-block op a ``route`` feeding an experts op is fused into
 BLOCK_CALL = "torch.ops.moe_quant.moe_"
 FUSED = {"route_experts": 1}
+#: torch >= 2.12 traces range asserts for one_hot (the dense matmul MoE's ids)
+ONE_HOT_ASSERTS = torch.__version__ >= (2, 12)
 
 
 @pytest.fixture
@@ -449,7 +451,7 @@ DENSE = [(f, d) for f in (dense_einsum, dense_matmul) for d in (torch.float32, t
 def test_dense_formulation_is_rewritten(lowered, dispatch, dtype):
     module = Moe(experts_of(None, dtype), dispatch)
     out, ref, code, _ = compile_and_run(module, hidden(7, dtype))
-    if dispatch is dense_matmul:
+    if dispatch is dense_matmul and ONE_HOT_ASSERTS:
         # the ids also feed one_hot's range asserts: route keeps other users
         assert rewrites() == {dispatch.__name__: 1, "softmax_topk_renormalize": 1}
         assert EXPERTS_CALL + FLOAT_SCHEME[dtype] + ".default" in code and "bmm" not in code
@@ -751,6 +753,7 @@ convert_element_type_7 = torch.ops.prims.convert_element_type.default(convert_el
 return (convert_element_type_7,)""")
 
 
+@pytest.mark.skipif(not ONE_HOT_ASSERTS, reason="torch 2.11 traces no one_hot asserts: another (fused) graph")
 def test_golden_dense_matmul_fp32(lowered):
     assert_expected_inline(golden("dense_matmul_fp32"), """\
 permute = torch.ops.aten.permute.default(arg1_1, [1, 0])

@@ -20,6 +20,7 @@ import pathlib
 import pytest
 import torch
 from test_lowerings_experts import (  # noqa: F401  (fixtures)
+    ONE_HOT_ASSERTS,
     Moe,
     batched,
     decode_formats,
@@ -86,6 +87,8 @@ def test_every_pattern_has_a_case():
 
 @pytest.mark.parametrize("name", pattern_names())
 def test_golden_per_pattern(lowered, name):
+    if name == "dense_matmul" and not ONE_HOT_ASSERTS:
+        pytest.skip("torch 2.11 traces no one_hot asserts: another (fused) graph than the torch 2.13 golden")
     module, x = case(name)
     graph = rewritten_graph(module, x)
     assert expert_rewrites() == {name: 1}
