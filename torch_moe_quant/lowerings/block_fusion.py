@@ -74,19 +74,16 @@ def _same_shape(a: torch.fx.Node, b: torch.fx.Node) -> bool:
     return all(statically_known_true(x == y) for x, y in zip(va.shape, vb.shape))
 
 
-def _trace_back(node, route, index: int, cast_ok) -> Optional[Tuple[List[torch.fx.Node], List[torch.dtype]]]:
-    """From an experts argument back to ``getitem(route, index)`` through
-    single-user casts (``cast_ok(dtype)``) and reshapes. Returns the nodes
-    walked (the argument first, the getitem last) and the cast dtypes, or
+def _trace_back(node, cast_ok) -> Optional[Tuple[List[torch.fx.Node], List[torch.dtype]]]:
+    """From an experts argument back to a ``getitem`` through single-user
+    casts (``cast_ok(dtype)``) and reshapes. Returns the nodes walked (the
+    argument first, the single-user getitem last) and the cast dtypes, or
     None when the path holds anything else."""
     chain, casts = [], []
-    while isinstance(node, torch.fx.Node):
+    while isinstance(node, torch.fx.Node) and node.op == "call_function" and len(node.users) == 1:
         chain.append(node)
         if node.target is operator.getitem:
-            ok = node.args[0] is route and node.args[1] == index
-            return (chain, casts) if ok and len(node.users) == 1 else None
-        if len(node.users) != 1 or node.op != "call_function":
-            return None
+            return chain, casts
         if node.target is _CAST and cast_ok(node.args[1]):
             casts.append(node.args[1])
         elif node.target not in _RESHAPES:
@@ -100,24 +97,19 @@ def _fuse_one(graph: torch.fx.Graph, experts: torch.fx.Node, scheme: str) -> boo
 
     args = _arguments(experts)
     weights_arg, ids_arg = args[1], args[2]
-    route = None
-    for n in (ids_arg, weights_arg):  # find the route call behind the ids
-        while isinstance(n, torch.fx.Node) and n.target is not operator.getitem and n.args:
-            n = n.args[0]
-        if isinstance(n, torch.fx.Node) and n.target is operator.getitem:
-            route = n.args[0]
-            break
-    if not isinstance(route, torch.fx.Node) or route.target is not _route_op():
-        return False
-    if any(u.target is not operator.getitem for u in route.users):
-        return False
-    ids = _trace_back(ids_arg, route, 1, lambda d: not d.is_floating_point)
-    weights = _trace_back(weights_arg, route, 0, lambda d: d.is_floating_point)
+    ids = _trace_back(ids_arg, lambda d: not d.is_floating_point)
+    weights = _trace_back(weights_arg, lambda d: d.is_floating_point)
     if ids is None or weights is None or len(weights[1]) > 1:
         return False
-    if not (_same_shape(ids_arg, ids[0][-1]) and _same_shape(weights_arg, weights[0][-1])):
+    ids_item, weights_item = ids[0][-1], weights[0][-1]
+    route = ids_item.args[0]
+    if not (
+        isinstance(route, torch.fx.Node) and route.target is _route_op()
+        and ids_item.args[1] == 1 and weights_item.args == (route, 0)
+        and len(route.users) == 2  # exactly the two getitems walked
+    ):
         return False
-    if len(route.users) != 2:  # exactly the two getitems walked
+    if not (_same_shape(ids_arg, ids_item) and _same_shape(weights_arg, weights_item)):
         return False
     routing_dtype = weights[1][0] if weights[1] else None
     if routing_dtype is torch.float32:
