@@ -32,16 +32,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 from expecttest import assert_expected_inline
+from lowering_graphs import rewritten_graph
 from moe_cases import rel_err
 from torch._dynamo.utils import counters
 from torch._inductor import config as inductor_config
-from torch._inductor.custom_graph_pass import CustomGraphPass
 from torch._inductor.utils import run_and_get_code
 
 import torch_moe_quant as tmq
 from torch_moe_quant import formats, lowerings
 from torch_moe_quant.formats.core import QuantizedTensor
-from torch_moe_quant.lowerings.install import CONFIG_KEY, _config_value, get_custom_graph_passes, pass_sources
+from torch_moe_quant.lowerings.install import pass_sources
 
 transformers = pytest.importorskip("transformers")
 from transformers import AutoConfig  # noqa: E402
@@ -651,30 +651,6 @@ def test_wrong_lookup_table_falls_back_to_the_float_op(lowered):
 # ------------------------------------------------------------ goldens
 
 
-class _CaptureGraph(CustomGraphPass):
-    """Runs after the moe_quant pass and records the graph it left."""
-
-    def __init__(self):
-        self.graphs = []
-
-    def __call__(self, graph):
-        lines = graph.python_code("self").src.strip().splitlines()[1:]  # drop "def forward"
-        body = (re.sub(r";  [\w =]+ = None$", "", line.strip()) for line in lines)
-        self.graphs.append("\n".join(line for line in body if line))
-
-    def uuid(self):
-        return None
-
-
-def rewritten_graph(fn, *args):
-    capture = _CaptureGraph()
-    passes = (*get_custom_graph_passes(getattr(inductor_config, CONFIG_KEY)), capture)
-    with inductor_config.patch({CONFIG_KEY: _config_value(passes)}), torch.no_grad():
-        torch.compile(fn, fullgraph=True)(*args)
-    (graph,) = capture.graphs
-    return graph
-
-
 class Qwen3Experts(torch.nn.Module):
     """transformers' grouped_mm experts on given routing (static shapes)."""
 
@@ -798,7 +774,6 @@ permute = torch.ops.aten.permute.default(arg1_1, [1, 0])
 mm = torch.ops.aten.mm.default(arg0_1, permute)
 moe_fp8_w8a8_channel_token_default = torch.ops.moe_quant.moe_fp8_w8a8_channel_token.default(arg0_1, mm, 2, 'softmax_topk_renormalize', None, None, None, 1.0, None, arg2_1, arg3_1, arg4_1, arg5_1, None, None, None, 'silu', 'gate_up', False)
 return (moe_fp8_w8a8_channel_token_default,)""")
-
 
 
 # ------------------------------------------------------------ depyf, import, uuid

@@ -37,9 +37,9 @@ from test_lowerings_experts import (  # noqa: F401  (fixtures)
     hidden,
     lowered,
     moe_block,
-    rewritten_graph,
     tokens,
 )
+from lowering_graphs import rewritten_graph
 
 from torch_moe_quant.lowerings import expert_patterns
 

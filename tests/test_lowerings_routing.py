@@ -6,7 +6,6 @@ random logits: distinct scores, so ids must match eager exactly (ties are
 unspecified in ``torch.topk``; see ``test_ties_pick_the_lower_expert``).
 """
 
-import re
 import subprocess
 import sys
 
@@ -14,6 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from expecttest import assert_expected_inline
+from lowering_graphs import rewritten_graph
 from torch._dynamo.utils import counters
 from torch._inductor import config as inductor_config
 from torch._inductor.custom_graph_pass import CustomGraphPass
@@ -22,7 +22,7 @@ from torch._inductor.utils import run_and_get_code
 import torch_moe_quant  # noqa: F401  (registers torch.ops.moe_quant)
 from torch_moe_quant import lowerings
 from torch_moe_quant.lowerings.install import (
-    CONFIG_KEY, CONFIG_TAKES_LISTS, MoeQuantPass, _config_value, get_custom_graph_passes, pass_sources, source_hash,
+    CONFIG_KEY, CONFIG_TAKES_LISTS, MoeQuantPass, get_custom_graph_passes, pass_sources, source_hash,
 )
 from torch_moe_quant.routing import stable_topk
 
@@ -221,30 +221,6 @@ def test_deepseek_v3_near_miss(lowered, router):
 
 
 # ------------------------------------------------------------ goldens
-
-
-class _CaptureGraph(CustomGraphPass):
-    """Runs after the moe_quant pass and records the graph it left."""
-
-    def __init__(self):
-        self.graphs = []
-
-    def __call__(self, graph):
-        lines = graph.python_code("self").src.strip().splitlines()[1:]  # drop "def forward"
-        body = (re.sub(r";  [\w =]+ = None$", "", line.strip()) for line in lines)
-        self.graphs.append("\n".join(line for line in body if line))
-
-    def uuid(self):
-        return None
-
-
-def rewritten_graph(fn, *args):
-    capture = _CaptureGraph()
-    passes = (*get_custom_graph_passes(getattr(inductor_config, CONFIG_KEY)), capture)
-    with inductor_config.patch({CONFIG_KEY: _config_value(passes)}):
-        torch.compile(fn, fullgraph=True)(*args)
-    (graph,) = capture.graphs
-    return graph
 
 
 def test_golden_softmax_topk(lowered):
