@@ -262,7 +262,7 @@ def act_quant_kernel(
     BLOCK_R: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
-    """``BLOCK_R`` rows of ``x [rows, K]``: codes (int8, or uint8 bits),
+    """``BLOCK_R`` rows of ``x [rows, K]``: if ``codes_ptr``, codes (int8, or uint8 bits),
     scales (``DYNAMIC_ROW``: fp32 per row; group scales: ``[rows, K // GROUP]``
     fp32 or bytes; ``STATIC_TENSOR``: not written) and, if ``values_ptr``,
     the fp32 QDQ values. ``BLOCK_K`` is a multiple of ``GROUP``."""
@@ -270,7 +270,6 @@ def act_quant_kernel(
     offs_r = pid * BLOCK_R + tl.arange(0, BLOCK_R)
     r_ok = offs_r < rows
     x_rows = x_ptr + offs_r[:, None].to(tl.int64) * stride_xm
-    c_rows = codes_ptr + offs_r[:, None].to(tl.int64) * stride_cm
     if A_SCALE == _AS_ROW:
         amax = tl.full((BLOCK_R,), 0.0, tl.float32)
         for k0 in range(0, K, BLOCK_K):
@@ -285,7 +284,9 @@ def act_quant_kernel(
             mask = r_ok[:, None] & (offs_k < K)[None, :]
             x = tl.load(x_rows + offs_k[None, :] * stride_xk, mask=mask, other=0.0)
             q = _to_grid(_div(x.to(tl.float32), s[:, None]), A_ELEM)
-            tl.store(c_rows + offs_k[None, :] * stride_ck, _element_code(q, A_ELEM).to(codes_ptr.dtype.element_ty), mask=mask)
+            if codes_ptr is not None:
+                c_ptrs = codes_ptr + offs_r[:, None].to(tl.int64) * stride_cm + offs_k[None, :] * stride_ck
+                tl.store(c_ptrs, _element_code(q, A_ELEM).to(codes_ptr.dtype.element_ty), mask=mask)
             if values_ptr is not None:
                 v_ptrs = values_ptr + offs_r[:, None].to(tl.int64) * stride_vm + offs_k[None, :] * stride_vk
                 tl.store(v_ptrs, q * s[:, None], mask=mask)
@@ -301,7 +302,9 @@ def act_quant_kernel(
             x = tl.load(x_rows + offs_k[None, :] * stride_xk, mask=mask, other=0.0).to(tl.float32)
             q3, step, stored = quantize_groups(x, s_static, A_ELEM, A_SCALE, GROUP, BLOCK_R, BLOCK_K)
             q = tl.reshape(q3, (BLOCK_R, BLOCK_K))
-            tl.store(c_rows + offs_k[None, :] * stride_ck, _element_code(q, A_ELEM).to(codes_ptr.dtype.element_ty), mask=mask)
+            if codes_ptr is not None:
+                c_ptrs = codes_ptr + offs_r[:, None].to(tl.int64) * stride_cm + offs_k[None, :] * stride_ck
+                tl.store(c_ptrs, _element_code(q, A_ELEM).to(codes_ptr.dtype.element_ty), mask=mask)
             if values_ptr is not None:
                 v_ptrs = values_ptr + offs_r[:, None].to(tl.int64) * stride_vm + offs_k[None, :] * stride_vk
                 tl.store(v_ptrs, tl.reshape(q3 * step[:, :, None], (BLOCK_R, BLOCK_K)), mask=mask)

@@ -200,7 +200,7 @@ def _launch(x: torch.Tensor, act: ActQuant, codes, scale, values, block_k: int) 
     block_r = 16
     km.act_quant_kernel[(-(-rows // block_r),)](
         x, codes, scale, values, act.static_scale, rows, k,
-        x.stride(0), x.stride(1), codes.stride(0), codes.stride(1),
+        x.stride(0), x.stride(1), *(codes.stride() if codes is not None else (0, 0)),
         scale.stride(0), scale.stride(1) if scale.dim() == 2 else 0,
         values.stride(0) if values is not None else 0, values.stride(1) if values is not None else 0,
         A_ELEM=int(act.element), A_SCALE=int(act.scale), GROUP=max(act.group, 1),
@@ -315,11 +315,10 @@ def qdq_rows(x: torch.Tensor, act: ActQuant, out_dtype: torch.dtype) -> torch.Te
     rows, k = x.shape
     values = torch.empty(rows, k, dtype=out_dtype, device=x.device)
     if rows and k:
-        codes = torch.empty(rows, k, dtype=torch.uint8, device=x.device)  # scratch
         groups = 1 if act.scale is ActScale.STATIC_TENSOR else k // act.group
         sdt = torch.float32 if act.scale is ActScale.DYNAMIC_GROUP else torch.uint8
         scale = torch.empty(rows, groups, dtype=sdt, device=x.device)  # scratch
-        _launch(x, act, codes, scale, values, _block_k(act, k))
+        _launch(x, act, None, scale, values, _block_k(act, k))  # values only: no codes written
     return values
 
 
