@@ -7,11 +7,9 @@ import torch
 from moe_cases import E, H, MoEBlock, inputs, make_experts, rel_err
 from test_ops import opcheck_any
 from torch._dynamo.utils import counters
-from torch._inductor import config as inductor_config
 from torch._inductor.utils import run_and_get_code
 
 import torch_moe_quant as tmq
-from torch_moe_quant import lowerings
 from torch_moe_quant.ops import BLOCK_OPS, SIGNATURES, block_op_for, op_for
 
 SCHEMES = sorted(tmq.SCHEMES)
@@ -99,15 +97,6 @@ def test_block_op_errors_name_the_argument():
 
 
 # ------------------------------------------------------------ the lowering
-
-
-@pytest.fixture
-def lowered():
-    torch._dynamo.reset()
-    counters.clear()
-    with inductor_config.patch(fx_graph_cache=False), lowerings.enabled():
-        yield
-    torch._dynamo.reset()
 
 
 def compile_code(fn, *args):

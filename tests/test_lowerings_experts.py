@@ -35,11 +35,10 @@ from expecttest import assert_expected_inline
 from lowering_graphs import rewritten_graph
 from moe_cases import rel_err
 from torch._dynamo.utils import counters
-from torch._inductor import config as inductor_config
 from torch._inductor.utils import run_and_get_code
 
 import torch_moe_quant as tmq
-from torch_moe_quant import formats, lowerings
+from torch_moe_quant import formats
 from torch_moe_quant.formats.core import QuantizedTensor
 from torch_moe_quant.lowerings.install import pass_sources
 
@@ -59,23 +58,6 @@ BLOCK_CALL = "torch.ops.moe_quant.moe_"
 FUSED = {"route_experts": 1}
 #: torch >= 2.12 traces range asserts for one_hot (the dense matmul MoE's ids)
 ONE_HOT_ASSERTS = torch.__version__ >= (2, 12)
-
-
-@pytest.fixture
-def fresh():
-    torch._dynamo.reset()
-    counters.clear()
-    with inductor_config.patch(fx_graph_cache=False), torch._functorch.config.patch(
-        enable_autograd_cache=False
-    ):
-        yield
-    torch._dynamo.reset()
-
-
-@pytest.fixture
-def lowered(fresh):
-    with lowerings.enabled():
-        yield
 
 
 def rewrites():

@@ -19,7 +19,7 @@ import pathlib
 
 import pytest
 import torch
-from test_lowerings_experts import (  # noqa: F401  (fixtures)
+from test_lowerings_experts import (
     ONE_HOT_ASSERTS,
     Moe,
     batched,
@@ -32,10 +32,8 @@ from test_lowerings_experts import (  # noqa: F401  (fixtures)
     expert_rewrites,
     experts_of,
     fp8_qdq,
-    fresh,
     grouped,
     hidden,
-    lowered,
     moe_block,
     tokens,
 )

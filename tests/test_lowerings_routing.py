@@ -30,24 +30,6 @@ K = 2
 ROUTE_CALL = "torch.ops.moe_quant.route.default"
 
 
-@pytest.fixture
-def fresh():
-    torch._dynamo.reset()
-    counters.clear()
-    with inductor_config.patch(fx_graph_cache=False), torch._functorch.config.patch(
-        enable_autograd_cache=False
-    ):
-        yield
-    torch._dynamo.reset()
-
-
-@pytest.fixture
-def lowered(fresh):
-    lowerings.install()
-    yield
-    lowerings.uninstall()
-
-
 def logits_of(dtype=torch.float32, tokens=13, experts=8, seed=0):
     gen = torch.Generator().manual_seed(seed)
     return torch.randn(tokens, experts, generator=gen).to(dtype)
