@@ -133,8 +133,12 @@ def unpack_nibbles(
     """Inverse of ``pack_nibbles``: int32 ``[..., words]`` -> int32 values 0..15 ``[..., n]``."""
     shifts = torch.arange(0, 32, 4, dtype=torch.int32, device=packed.device)
     nib = (packed.unsqueeze(-1) >> shifts) & 0xF  # arithmetic shift; the mask drops the sign
-    inverse = sorted(range(8), key=lambda i: order[i])  # element j sits in nibble inverse[j]
-    vals = nib[..., inverse].reshape(*packed.shape[:-1], packed.shape[-1] * 8)
+    if tuple(order) != tuple(IDENTITY_ORDER):
+        # element j sits in nibble inverse[j]; the index lives on packed's device
+        # (a Python-list index is a host->device copy, illegal in CUDA graph capture)
+        inverse = sorted(range(8), key=lambda i: order[i])
+        nib = nib.index_select(-1, torch.tensor(inverse, device=packed.device))
+    vals = nib.reshape(*packed.shape[:-1], packed.shape[-1] * 8)
     return vals[..., :n]
 
 
