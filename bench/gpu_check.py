@@ -75,9 +75,16 @@ def main() -> int:
     p.add_argument("--schemes", nargs="*", default=None)
     p.add_argument("--extras", action=argparse.BooleanOptionalAction, default=True,
                    help="also M=0, expert_map and one-expert cases")
+    p.add_argument("--jobs", type=int, default=1,
+                   help="worker processes sharing the GPU, each every jobs-th scheme (Triton compiles in parallel)")
+    p.add_argument("--shard", type=int, nargs=2, default=None, metavar=("I", "N"), help=argparse.SUPPRESS)
     args = p.parse_args()
-    dev = torch.device("cuda")
     names = args.schemes or list(tmq.SCHEMES)
+    if args.jobs > 1:
+        return run_workers(args.jobs)
+    dev = torch.device("cuda")
+    if args.shard is not None:
+        names = names[args.shard[0]::args.shard[1]]
     print(f"{torch.cuda.get_device_name()} torch {torch.__version__}; schemes: {len(names)}", flush=True)
     failures = cases = 0
     for sname in args.shapes:
@@ -112,6 +119,33 @@ def main() -> int:
         del w13, w2, b13, b2
         torch.cuda.empty_cache()
     print(f"{failures} failures in {cases} cases")
+    return 1 if failures else 0
+
+
+def run_workers(jobs: int) -> int:
+    """This command once per shard of the schemes, ``jobs`` processes at a
+    time on the one GPU; their logs printed in order, failures summed."""
+    import re
+    import subprocess
+
+    argv = [a for a in sys.argv[1:]]
+    i = argv.index("--jobs")
+    del argv[i : i + 2]
+    procs = [
+        subprocess.Popen([sys.executable, __file__, *argv, "--shard", str(k), str(jobs)],
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for k in range(jobs)
+    ]
+    failures = cases = 0
+    for k, proc in enumerate(procs):
+        out, _ = proc.communicate()
+        print(f"# shard {k}/{jobs} (exit {proc.returncode})\n{out.rstrip()}", flush=True)
+        m = re.search(r"^(\d+) failures in (\d+) cases$", out, re.M)
+        if m is None or proc.returncode not in (0, 1):
+            failures += 1  # a crashed worker counts as a failure
+        else:
+            failures, cases = failures + int(m[1]), cases + int(m[2])
+    print(f"{failures} failures in {cases} cases ({jobs} workers)")
     return 1 if failures else 0
 
 

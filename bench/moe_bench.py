@@ -68,6 +68,20 @@ class Shape:
     layout: str = "gate_up"
     bias: bool = False
     routing: str = "softmax_topk_renormalize"
+    #: hidden size of the ``--warm-jobs`` compile pass, where the full layer
+    #: would not fit once per worker (``warm_shape``); None = ``H``
+    warm_H: Optional[int] = None
+
+    def warm_shape(self) -> "Shape":
+        """The shape a ``--warm-jobs`` worker runs: the same Triton kernels
+        (constexprs and integer-argument specializations), less memory.
+        Triton specializes an integer argument on ``== 1`` and on divisibility
+        by 16; the configs depend on pairs per expert (E, k, M) and on N, K
+        only where they are below a tile (128). DeepSeek-V3's H = 7168 = 2^10 * 7
+        -> 1024 keeps every H / group for groups 16..128 on the same side of
+        16-divisibility (H / 128 = 56 and 8: neither divisible) and cuts its
+        22.5 GB of bf16 weights (per worker) to 3.2 GB."""
+        return self if self.warm_H is None else dataclasses.replace(self, H=self.warm_H)
 
 
 SHAPES = {
@@ -76,7 +90,7 @@ SHAPES = {
         Shape("qwen3-30b-a3b", 128, 8, 2048, 768),
         Shape("gpt-oss-120b", 128, 4, 2880, 2880, "swigluoai", "interleaved", True, "topk_softmax"),
         Shape("mixtral-8x7b", 8, 2, 4096, 14336),
-        Shape("deepseek-v3", 256, 8, 7168, 2048, routing="deepseek_v3"),
+        Shape("deepseek-v3", 256, 8, 7168, 2048, routing="deepseek_v3", warm_H=1024),
     )
 }
 
@@ -200,9 +214,25 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--schemes", nargs="*", default=None, help="default: every scheme")
     p.add_argument("--reps", type=int, default=10)
     p.add_argument("--json", default=None, help="append result rows (JSON lines) to this file")
-    p.add_argument("--no-dequant", action="store_true", help="skip the dequant+grouped_mm path")
+    p.add_argument("--no-dequant", nargs="*", default=None, metavar="SHAPE",
+                   help="skip the dequant+grouped_mm path (on the SHAPEs named, or on every shape)")
+    p.add_argument("--resume", action="store_true",
+                   help="skip (shape, scheme) pairs whose every M already has a row in --json")
+    p.add_argument("--warm-jobs", type=int, default=0,
+                   help="first compile every kernel in this many parallel worker processes (see warm_up)")
+    p.add_argument("--warm-shard", type=int, nargs=2, default=None, metavar=("I", "N"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     schemes = args.schemes or list(tmq.SCHEMES)
+    if args.resume:
+        if not args.json:
+            p.error("--resume needs --json")
+        schemes_left = _left_to_run(args.json, args.shapes, args.M, schemes)
+    else:
+        schemes_left = {sname: schemes for sname in args.shapes}
+    if args.warm_shard is not None:
+        return _warm_shard(args, schemes_left)
+    if args.warm_jobs:
+        warm_up(argv if argv is not None else sys.argv[1:], args.warm_jobs)
     dev = torch.device("cuda")
     timer = Timer(args.reps)
     print(f"# {torch.cuda.get_device_name()} · torch {torch.__version__} · command: "
@@ -212,7 +242,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     print("|---|---|---|---|---|---|---|---|---|---|---|---|", flush=True)
     for sname in args.shapes:
         shape = SHAPES[sname]
+        if not schemes_left[sname]:
+            continue
         t_shape = time.time()
+        dequant = args.no_dequant is None or (args.no_dequant and sname not in args.no_dequant)
         w13, w2, b13, b2 = make_weights(shape, dev)
         inputs = {}
         for M in args.M:
@@ -222,7 +255,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             tw, ids = route_for(shape, logits)
             base = timer.graph_ms(lambda: grouped_mm_moe(x, w13, w2, tw, ids, shape, b13, b2))
             inputs[M] = (x, tw, ids, base)
-        for scheme_name in schemes:
+        for scheme_name in schemes_left[sname]:
             scheme = tmq.get_scheme(scheme_name)
             kw = dict(w13_bias=b13, w2_bias=b2, layout=shape.layout, pad_to=128)
             if scheme.static_activation:
@@ -237,7 +270,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                 continue
             for M in args.M:
                 x, tw, ids, base = inputs[M]
-                row = measure(timer, shape, M, scheme, experts, x, tw, ids, base, not args.no_dequant)
+                row = measure(timer, shape, M, scheme, experts, x, tw, ids, base, dequant)
                 print(_md(row), flush=True)
                 if args.json:
                     with open(args.json, "a") as f:
@@ -246,6 +279,76 @@ def main(argv: Optional[List[str]] = None) -> int:
             torch.cuda.empty_cache()
         print(f"# {sname}: {time.time() - t_shape:.0f} s", flush=True)
         del w13, w2, b13, b2, inputs
+        torch.cuda.empty_cache()
+    return 0
+
+
+def _left_to_run(path: str, shapes: List[str], Ms: List[int], schemes: List[str]) -> Dict[str, List[str]]:
+    """Per shape, the schemes of ``schemes`` that some M of ``Ms`` has no row
+    for in the JSON-lines file ``path`` (missing file: all of them)."""
+    done = set()
+    try:
+        with open(path) as f:
+            for line in f:
+                r = json.loads(line)
+                done.add((r["shape"], r["scheme"], r["M"]))
+    except FileNotFoundError:
+        pass
+    return {s: [n for n in schemes if any((s, n, M) not in done for M in Ms)] for s in shapes}
+
+
+def warm_up(argv: List[str], jobs: int) -> None:
+    """Compile every Triton kernel the run needs in ``jobs`` worker processes
+    (this script with ``--warm-shard i jobs``: every ``jobs``-th scheme, each
+    shape's ``warm_shape``, one rep, no dequant path, nothing written), so the
+    timing pass, one process on an otherwise idle GPU, loads them from
+    Triton's on-disk cache instead of compiling one at a time. Compiling is
+    CPU work; on the H100 machine's 16 cores it was most of a serial run
+    (19 schemes x 4 shapes did not finish in 550 s)."""
+    import subprocess
+
+    t0 = time.time()
+    cmd = [sys.executable, __file__, *argv]
+    procs = [
+        subprocess.Popen([*cmd, "--warm-shard", str(i), str(jobs)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        for i in range(jobs)
+    ]
+    failed = 0
+    for i, proc in enumerate(procs):
+        out, _ = proc.communicate()
+        if proc.returncode:
+            failed += 1
+            tail = out.decode(errors="replace").strip().splitlines()[-5:]
+            print(f"# warm-up worker {i} exited {proc.returncode}: " + " / ".join(tail), flush=True)
+    print(f"# warm-up: {jobs} workers, {time.time() - t0:.0f} s, {failed} failed", flush=True)
+
+
+def _warm_shard(args, schemes_left: Dict[str, List[str]]) -> int:
+    """One ``warm_up`` worker: run every measurement of its schemes once on
+    each shape's ``warm_shape`` and discard the numbers."""
+    i, n = args.warm_shard
+    dev = torch.device("cuda")
+    timer = Timer(1)
+    for sname in args.shapes:
+        shape = SHAPES[sname].warm_shape()
+        mine = schemes_left[sname][i::n]
+        if not mine:
+            continue
+        w13, w2, b13, b2 = make_weights(shape, dev)
+        for scheme_name in mine:
+            scheme = tmq.get_scheme(scheme_name)
+            kw = dict(w13_bias=b13, w2_bias=b2, layout=shape.layout, pad_to=128)
+            if scheme.static_activation:
+                kw.update(a13_scale=torch.tensor(0.05, device=dev), a2_scale=torch.tensor(0.05, device=dev))
+            experts = tmq.quantize_experts(w13, w2, scheme, **kw)
+            for M in args.M:
+                g = torch.Generator(device=dev).manual_seed(M)
+                x = torch.randn(M, shape.H, generator=g, device=dev).bfloat16()
+                tw, ids = route_for(shape, torch.randn(M, shape.E, generator=g, device=dev))
+                measure(timer, shape, M, scheme, experts, x, tw, ids, 1.0, False)
+            del experts
+            torch.cuda.empty_cache()  # eight workers share the GPU's memory
+        del w13, w2, b13, b2
         torch.cuda.empty_cache()
     return 0
 
