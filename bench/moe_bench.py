@@ -80,7 +80,9 @@ class Shape:
         only where they are below a tile (128). DeepSeek-V3's H = 7168 = 2^10 * 7
         -> 1024 keeps every H / group for groups 16..128 on the same side of
         16-divisibility (H / 128 = 56 and 8: neither divisible) and cuts its
-        22.5 GB of bf16 weights (per worker) to 3.2 GB."""
+        22.5 GB of bf16 weights (per worker) to 3.2 GB; gpt-oss's H = 2880
+        (padded 2944 = 128 * 23) -> 320 (padded 384 = 128 * 3) likewise, 6.4 GB
+        -> 0.7 GB."""
         return self if self.warm_H is None else dataclasses.replace(self, H=self.warm_H)
 
 
@@ -88,7 +90,7 @@ SHAPES = {
     s.name: s
     for s in (
         Shape("qwen3-30b-a3b", 128, 8, 2048, 768),
-        Shape("gpt-oss-120b", 128, 4, 2880, 2880, "swigluoai", "interleaved", True, "topk_softmax"),
+        Shape("gpt-oss-120b", 128, 4, 2880, 2880, "swigluoai", "interleaved", True, "topk_softmax", warm_H=320),
         Shape("mixtral-8x7b", 8, 2, 4096, 14336),
         Shape("deepseek-v3", 256, 8, 7168, 2048, routing="deepseek_v3", warm_H=1024),
     )
