@@ -69,6 +69,32 @@ def test_static_scales_required_and_checked(weights):
     _raises(ValueError, r"a13_scale is only for static-activation schemes", tmq.quantize_experts, w13, w2, "fp8_w8a8_channel_token", a13_scale=torch.tensor(1.0))
 
 
+def test_static_scales_follow_the_weights_device():
+    # a float or CPU-tensor scale given with weights elsewhere is stored next to
+    # the weights (the Triton kernels read it there; a CPU pointer failed the launch)
+    from torch_moe_quant.experts import _check_static_scales
+
+    scheme = tmq.get_scheme("fp8_w8a8_tensor_static")
+    a13, a2 = _check_static_scales(scheme, 0.5, torch.tensor(2.0), torch.device("meta"))
+    assert a13.device.type == a2.device.type == "meta" and a13.shape == a2.shape == (1, 1)
+
+
+def test_experts_on_another_device(layer):
+    x, experts, w, ids = layer
+    moved = experts.to("meta")
+    _raises(ValueError, r"experts.w13.data is on meta but hidden_states is on cpu: move the experts", tmq.fused_moe, x, moved, w, ids)
+    biased = dataclasses.replace(experts, w2_bias=torch.zeros(E, H, device="meta"))
+    _raises(ValueError, r"experts.w2_bias is on meta but hidden_states is on cpu", tmq.fused_moe, x, biased, w, ids)
+
+
+def test_act_quant_static_scale_device():
+    from torch_moe_quant.kernels.act_quant import ActQuant, quantize_rows
+
+    spec = tmq.get_scheme("fp8_w8a8_tensor_static").activation
+    act = ActQuant.of(spec, torch.tensor([[0.5]], device="meta"), "a13_scale")
+    _raises(ValueError, r"act.static_scale is on meta but x is on cpu", quantize_rows, torch.randn(4, 64), act)
+
+
 def test_wrong_packed_size(layer):
     _, experts, _, _ = layer
     bad = dataclasses.replace(experts.w13, data=experts.w13.data[..., :-1])

@@ -201,7 +201,8 @@ def quantize_experts(
             check_tensor(name, b, shape=want)
             if not b.is_floating_point():
                 raise TypeError(f"{name} must be a float tensor, got {b.dtype}")
-    a13_scale, a2_scale = _check_static_scales(scheme, a13_scale, a2_scale)
+    weights_device = (w13.data if isinstance(w13, QuantizedTensor) else w13).device
+    a13_scale, a2_scale = _check_static_scales(scheme, a13_scale, a2_scale, weights_device)
 
     if quantized_input:
         w13, w2 = _validate_quantized(scheme, w13, w2)
@@ -320,7 +321,10 @@ def _validate_quantized(scheme: Scheme, w13: Weight, w2: Weight):
     return w13, w2
 
 
-def _check_static_scales(scheme: Scheme, a13_scale, a2_scale):
+def _check_static_scales(scheme: Scheme, a13_scale, a2_scale, device: torch.device):
+    """The static scales as fp32 ``[1, 1]`` tensors on the weights' ``device``
+    (a float or a tensor anywhere is accepted: the kernels read the scale
+    where the weights are)."""
     if not scheme.static_activation:
         for name, s in (("a13_scale", a13_scale), ("a2_scale", a2_scale)):
             if s is not None:
@@ -333,7 +337,7 @@ def _check_static_scales(scheme: Scheme, a13_scale, a2_scale):
                 f"scheme {scheme.name} quantizes activations with static scales: pass {name}= "
                 f"(torch_moe_quant.calibrate_activation_scales computes both from sample inputs)"
             )
-        s = torch.as_tensor(s, dtype=torch.float32)
+        s = torch.as_tensor(s, dtype=torch.float32, device=device)
         if s.numel() != 1:
             raise ValueError(f"{name} must hold one per-tensor scale, got shape {tuple(s.shape)}")
         if values_available(s) and not (torch.isfinite(s).all() and (s > 0).all()):

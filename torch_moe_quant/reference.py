@@ -99,6 +99,20 @@ def check_routing(
             )
 
 
+def experts_tensors(experts: QuantizedExperts):
+    """``(field name, tensor)`` of every tensor ``experts`` holds (a quantized
+    weight contributes its data, scales, zero points and g_idx)."""
+    for field in ("w13", "w2", "w13_bias", "w2_bias", "a13_scale", "a2_scale"):
+        value = getattr(experts, field)
+        if isinstance(value, QuantizedTensor):
+            for sub in ("data", "scale", "zero_point", "g_idx", "global_scale"):
+                t = getattr(value, sub, None)
+                if isinstance(t, torch.Tensor):
+                    yield f"{field}.{sub}", t
+        elif isinstance(value, torch.Tensor):
+            yield field, value
+
+
 def check_inputs(hidden_states, experts, activation) -> Tuple[torch.Tensor, Activation]:
     if not isinstance(experts, QuantizedExperts):
         raise TypeError(
@@ -114,6 +128,12 @@ def check_inputs(hidden_states, experts, activation) -> Tuple[torch.Tensor, Acti
             f"hidden_states must have shape [num_tokens, {experts.hidden_size}], "
             f"got {tuple(hidden_states.shape)}"
         )
+    for name, t in experts_tensors(experts):
+        if t.device != hidden_states.device:
+            raise ValueError(
+                f"experts.{name} is on {t.device} but hidden_states is on {hidden_states.device}: "
+                f"move the experts with experts.to(device)"
+            )
     act = as_activation(activation)
     if act.is_gated != experts.is_gated:
         kind = "gated" if act.is_gated else "non-gated"

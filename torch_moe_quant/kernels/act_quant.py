@@ -174,6 +174,8 @@ def _check_x(x: torch.Tensor, act: ActQuant, name: str = "x") -> None:
     if not isinstance(act, ActQuant):
         raise TypeError(f"act must be an ActQuant, got {type(act).__name__}")
     act.check_k(x.shape[1], name)
+    if act.static_scale is not None and act.static_scale.device != x.device:
+        raise ValueError(f"act.static_scale is on {act.static_scale.device} but {name} is on {x.device}")
 
 
 # ---------------------------------------------------------------- launchers
