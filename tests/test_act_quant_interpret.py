@@ -39,6 +39,7 @@ import importlib  # noqa: E402
 
 moe_gemm_module = importlib.import_module("torch_moe_quant.kernels.moe_gemm")
 fused_experts_module = importlib.import_module("torch_moe_quant.kernels.fused_experts")
+act_quant_module = importlib.import_module("torch_moe_quant.kernels.act_quant")
 from torch_moe_quant.kernels._operand import WeightOperand  # noqa: E402
 from torch_moe_quant.kernels.config import fit_activation  # noqa: E402
 from torch_moe_quant.kernels.fused_experts import ActInput  # noqa: E402
@@ -163,6 +164,33 @@ def test_quantize_rows_matches_formats(key):
         codes, scale = quantize_rows(xd, act)
         rcodes, rscale = quantize_rows_ref(xd, act)
         assert _same_codes(codes, rcodes) and _same_values(scale, rscale)
+
+
+#: one spec per scale kind: per-row (whole-row programs), group, static per-tensor
+TILE_SPECS = [next(k for k in sorted(SPECS) if tag in k) for tag in ("per-row", "mxfp4", "per-tensor")]
+
+
+@pytest.mark.parametrize("key", TILE_SPECS)
+@pytest.mark.parametrize("rows, k", [(300, 256), (3, 2304), (16, 384)])
+def test_launch_tiles_are_bit_exact(key, rows, k):
+    # every launch shape of the row kernel: 16-row whole-row programs from
+    # WIDE_ROWS rows on; below, K split one tile per program (group / static)
+    # or 2-row programs striding up to 1024 columns (per-row; 2304 = 2 * 1024
+    # + a masked tail)
+    spec = SPECS[key]
+    act = ActQuant.of(spec, _static(spec))
+    tiles = act_quant_module.launch_tiles(act, rows, k)
+    if rows >= act_quant_module.WIDE_ROWS:
+        assert (tiles.block_r, tiles.grid(rows, k)[1]) == (16, 1)
+    elif act.scale is ActScale.DYNAMIC_ROW:
+        assert (tiles.block_r, tiles.block_k) == (2, min(1024, 1 << (k - 1).bit_length()))
+        assert tiles.grid(rows, k) == (-(-rows // 2), 1)
+    else:
+        assert tiles.k_chunk == tiles.block_k and tiles.grid(rows, k)[1] == -(-k // tiles.block_k) > 1
+    g = torch.Generator().manual_seed(rows + k)
+    x = torch.randn(rows, k, generator=g) * torch.logspace(-3, 3, rows)[:, None]
+    x[:, ::97] *= 50.0  # outliers in a few columns: per-row scales come from far along the row
+    _check_exact(x, act)
 
 
 def test_act_quant_placement_and_errors():

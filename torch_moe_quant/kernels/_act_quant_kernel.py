@@ -54,11 +54,11 @@ def _nan_max(a, b):
 @triton.jit
 def _group_abs_max(x3, ROWS: tl.constexpr, NG: tl.constexpr, G: tl.constexpr):
     """``max |x3|`` over the last dim of ``x3 [ROWS, NG, G]`` (``G`` a power
-    of two <= 256), NaN propagating -> ``[ROWS, NG]``. A halving tree of
+    of two <= 4096), NaN propagating -> ``[ROWS, NG]``. A halving tree of
     ``tl.split`` rather than ``tl.reduce``: the interpreter runs a
     ``tl.reduce`` with a custom combine one element at a time (~1000x slower)."""
     m = tl.abs(x3)
-    for i in tl.static_range(8):
+    for i in tl.static_range(12):
         if (G >> i) > 1:
             lo, hi = tl.split(tl.reshape(m, (ROWS, NG, G >> (i + 1), 2)))
             m = _nan_max(lo, hi)
@@ -254,7 +254,7 @@ def qdq_tile(x, s_static, ELEM: tl.constexpr, SCALE: tl.constexpr, GROUP: tl.con
 @triton.jit
 def act_quant_kernel(
     x_ptr, codes_ptr, scale_ptr, values_ptr, s_static_ptr,
-    rows, K,
+    rows, K, k_chunk,
     stride_xm, stride_xk, stride_cm, stride_ck, stride_sm, stride_sk, stride_vm, stride_vk,
     A_ELEM: tl.constexpr,
     A_SCALE: tl.constexpr,
@@ -265,8 +265,12 @@ def act_quant_kernel(
     """``BLOCK_R`` rows of ``x [rows, K]``: if ``codes_ptr``, codes (int8, or uint8 bits),
     scales (``DYNAMIC_ROW``: fp32 per row; group scales: ``[rows, K // GROUP]``
     fp32 or bytes; ``STATIC_TENSOR``: not written) and, if ``values_ptr``,
-    the fp32 QDQ values. ``BLOCK_K`` is a multiple of ``GROUP``."""
+    the fp32 QDQ values. ``BLOCK_K`` is a multiple of ``GROUP``. Program
+    ``(i, j)`` covers rows ``[i * BLOCK_R, (i + 1) * BLOCK_R)`` and columns
+    ``[j * k_chunk, (j + 1) * k_chunk)`` (``k_chunk`` a multiple of
+    ``BLOCK_K``); per-row scales need the whole row: one program along K."""
     pid = tl.program_id(0)
+    k_lo = tl.program_id(1) * k_chunk
     offs_r = pid * BLOCK_R + tl.arange(0, BLOCK_R)
     r_ok = offs_r < rows
     x_rows = x_ptr + offs_r[:, None].to(tl.int64) * stride_xm
@@ -296,7 +300,7 @@ def act_quant_kernel(
         else:
             s_static = 1.0
         NG: tl.constexpr = BLOCK_K // GROUP
-        for k0 in range(0, K, BLOCK_K):
+        for k0 in range(k_lo, tl.minimum(K, k_lo + k_chunk), BLOCK_K):
             offs_k = k0 + tl.arange(0, BLOCK_K)
             mask = r_ok[:, None] & (offs_k < K)[None, :]
             x = tl.load(x_rows + offs_k[None, :] * stride_xk, mask=mask, other=0.0).to(tl.float32)

@@ -196,21 +196,66 @@ class QuantizedRows(NamedTuple):
     values: torch.Tensor  # fp32 [rows, K]: dequantize(quantize(x))
 
 
-def _launch(x: torch.Tensor, act: ActQuant, codes, scale, values, block_k: int) -> None:
+@dataclasses.dataclass(frozen=True)
+class Tiles:
+    """How one launch of the row kernel covers ``x [rows, K]``: programs of
+    ``block_r`` rows x ``k_chunk`` columns, each looping over its columns
+    ``block_k`` at a time; grid ``(ceil(rows / block_r), ceil(K / k_chunk))``."""
+
+    block_r: int
+    block_k: int
+    k_chunk: int
+
+    def grid(self, rows: int, k: int) -> Tuple[int, int]:
+        return (-(-rows // self.block_r), -(-k // self.k_chunk))
+
+
+#: from this many rows on, 16-row programs each looping over the whole row fill
+#: the GPU (16+ programs); below, a launch of such programs ran one or a few
+#: programs walking K serially: on the H200 (bench/results/h200.md, before this
+#: rule) the two activation launches of an M=1 forward cost 66-548 us
+#: (mixtral-8x7b's K = 14336: 363 us fp8 per-token, 548 us fp8 block128).
+WIDE_ROWS = 256
+#: per-row scales at few rows: programs of 2 rows x up to 1024 columns per step
+_ROW_TILE = (2, 1024)
+
+
+def launch_tiles(act: ActQuant, rows: int, k: int) -> Tiles:
+    """The ``Tiles`` of a launch for ``act`` on ``[rows, k]``: at ``WIDE_ROWS``
+    rows or more, 16-row programs over whole rows (tile width ``block_k_for``);
+    below, group / per-tensor scales split K across programs (one tile each)
+    and per-row scales, which need the whole row in one program, take 2-row
+    programs with wide steps."""
+    block_k = block_k_for(act, k)
+    whole = -(-k // block_k) * block_k
+    if rows >= WIDE_ROWS:
+        return Tiles(16, block_k, whole)
+    if act.scale is ActScale.DYNAMIC_ROW:
+        block_r, widest = _ROW_TILE
+        wide = block_k
+        while wide < min(k, widest):
+            wide *= 2
+        return Tiles(block_r, wide, -(-k // wide) * wide)
+    return Tiles(16, block_k, block_k)
+
+
+def _launch(x: torch.Tensor, act: ActQuant, codes, scale, values) -> None:
     km = _kernel_module()
     rows, k = x.shape
-    block_r = 16
-    km.act_quant_kernel[(-(-rows // block_r),)](
-        x, codes, scale, values, act.static_scale, rows, k,
+    tiles = launch_tiles(act, rows, k)
+    km.act_quant_kernel[tiles.grid(rows, k)](
+        x, codes, scale, values, act.static_scale, rows, k, tiles.k_chunk,
         x.stride(0), x.stride(1), *(codes.stride() if codes is not None else (0, 0)),
         scale.stride(0), scale.stride(1) if scale.dim() == 2 else 0,
         values.stride(0) if values is not None else 0, values.stride(1) if values is not None else 0,
         A_ELEM=int(act.element), A_SCALE=int(act.scale), GROUP=max(act.group, 1),
-        BLOCK_R=block_r, BLOCK_K=block_k,
+        BLOCK_R=tiles.block_r, BLOCK_K=tiles.block_k,
     )
 
 
-def _block_k(act: ActQuant, k: int) -> int:
+def block_k_for(act: ActQuant, k: int) -> int:
+    """Tile width along K: the power of two >= min(k, 128), at least 16 and
+    at least the activation group."""
     b = 16
     while b < min(k, 128):
         b *= 2
@@ -242,7 +287,7 @@ def quantize_rows(x: torch.Tensor, act: ActQuant) -> Tuple[torch.Tensor, torch.T
         scale = written = torch.empty(rows, dtype=torch.float32, device=x.device)
     if rows and k:
         store = codes.view(torch.uint8) if act.element is ActElement.FP8_E4M3 else codes
-        _launch(x, act, store, written, None, _block_k(act, k))
+        _launch(x, act, store, written, None)
     return codes, scale
 
 
@@ -276,7 +321,7 @@ def quantize_activation(x: torch.Tensor, act: ActQuant) -> QuantizedRows:
         scale = torch.empty(rows, k // act.group, dtype=sdt, device=x.device)
     if rows and k:
         store = codes.view(torch.uint8) if el is ActElement.FP8_E4M3 else codes
-        _launch(x, act, store, scale, values, _block_k(act, k))
+        _launch(x, act, store, scale, values)
     if act.scale is ActScale.NVFP4:
         scale = scale.view(torch.float8_e4m3fn)
     return QuantizedRows(codes, scale, values)
@@ -320,7 +365,7 @@ def qdq_rows(x: torch.Tensor, act: ActQuant, out_dtype: torch.dtype) -> torch.Te
         groups = 1 if act.scale is ActScale.STATIC_TENSOR else k // act.group
         sdt = torch.float32 if act.scale is ActScale.DYNAMIC_GROUP else torch.uint8
         scale = torch.empty(rows, groups, dtype=sdt, device=x.device)  # scratch
-        _launch(x, act, None, scale, values, _block_k(act, k))  # values only: no codes written
+        _launch(x, act, None, scale, values)  # values only: no codes written
     return values
 
 
