@@ -125,3 +125,9 @@ def test_quantize_experts_in_expert_chunks_is_identical(name, monkeypatch):
         assert a.shape == b.shape and a.tensors.keys() == b.tensors.keys()
         for key, t in a.tensors.items():
             assert torch.equal(t, b.tensors[key]), (field, key)
+
+
+def test_weight_bits():
+    # bits per stored element: the float dtype's width for unquantized weights
+    assert [tmq.get_scheme(n).weight.bits for n in ("fp32", "bf16", "fp16", "fp8_w8a16_channel", "mxfp6_e2m3_w6a6",
+                                                     "int4_w4a16_g128", "nvfp4_w4a16")] == [32, 16, 16, 8, 6, 4, 4]

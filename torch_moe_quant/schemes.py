@@ -81,8 +81,10 @@ class WeightSpec:
 
     @property
     def bits(self) -> int:
+        """Bits per stored weight element (scales not counted)."""
+        if self.fmt is None:
+            return self.float_dtype.itemsize * 8
         return {
-            None: 16,
             Format.FP8_E4M3: 8,
             Format.INT8: 8,
             Format.MXFP8: 8,
