@@ -22,7 +22,8 @@ weights and softmax top-k routing, it measures
   the bf16 path (OOM is reported as such).
 
 It reports the speed-up of ``fwd`` over ``bf16`` and over ``dequant``, and
-``fwd`` as a % of the roofline floor ``max(bytes / 3.0 TB/s, flops / peak)``:
+``fwd`` as a % of the roofline floor ``max(bytes / HBM bandwidth, flops / peak)``
+(bandwidth: the issue's 3.0 TB/s on an H100, 4.8 TB/s on an H200):
 bytes = the stored weight bytes of the experts the batch touches (codes,
 scales, biases); peak = 1270 TFLOP/s for fp8/int8 activations, 782 TFLOP/s
 otherwise (H100 SXM dense). Every result is checked against the reference
@@ -50,7 +51,14 @@ from torch_moe_quant.distributed import select_experts
 from torch_moe_quant.formats import Format
 from torch_moe_quant.reference import dequantize_weight
 
-HBM_BYTES_PER_S = 3.0e12
+#: HBM bandwidth of the roofline floor: the issue's 3.0 TB/s for an H100, the
+#: H200's 4.8 TB/s (HBM3e) there
+HBM_BYTES_PER_S = {"H100": 3.0e12, "H200": 4.8e12}
+
+
+def hbm_bytes_per_s(device_name: str) -> float:
+    """The floor's bandwidth for a GPU named ``device_name`` (H100 default)."""
+    return next((bw for key, bw in HBM_BYTES_PER_S.items() if key in device_name), HBM_BYTES_PER_S["H100"])
 BF16_FLOPS = 782e12
 FP8_FLOPS = 1270e12
 #: bytes zeroed before each replay: over the H100's 50 MB L2
@@ -202,11 +210,11 @@ def touched_bytes(experts, ids) -> float:
     return experts.nbytes * touched / experts.num_experts
 
 
-def roofline_ms(shape: Shape, M: int, nbytes: float, scheme) -> float:
+def roofline_ms(shape: Shape, M: int, nbytes: float, scheme, bandwidth: float) -> float:
     act = scheme.activation
     peak = FP8_FLOPS if act is not None and act.fmt in (Format.FP8_E4M3, Format.INT8) else BF16_FLOPS
     flops = 2 * M * shape.top_k * 3 * shape.I * shape.H
-    return max(nbytes / HBM_BYTES_PER_S, flops / peak) * 1e3
+    return max(nbytes / bandwidth, flops / peak) * 1e3
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -418,13 +426,14 @@ def measure(timer: Timer, shape: Shape, M: int, scheme, experts, x, tw, ids, bas
             deq_ms = f"n/a ({str(e).splitlines()[0][:60]})"
             torch.cuda.synchronize()
         torch.cuda.empty_cache()
-    floor = roofline_ms(shape, M, touched_bytes(experts, ids), experts.scheme)
+    bandwidth = hbm_bytes_per_s(torch.cuda.get_device_name())
+    floor = roofline_ms(shape, M, touched_bytes(experts, ids), experts.scheme, bandwidth)
     return dict(
         shape=shape.name, M=M, scheme=experts.scheme.name, fwd_ms=fwd_ms, gemms_ms=gemms_ms, host_us=host,
         bf16_ms=base_ms, dequant_ms=deq_ms, speedup_bf16=base_ms / fwd_ms,
         speedup_dequant=deq_ms / fwd_ms if isinstance(deq_ms, float) else None,
         roofline_pct=100 * floor / fwd_ms, err=err, bound=bound(experts.scheme), ok=err < bound(experts.scheme),
-        device=torch.cuda.get_device_name(),
+        device=torch.cuda.get_device_name(), hbm_bytes_per_s=bandwidth,
     )
 
 
