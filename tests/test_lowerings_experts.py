@@ -450,6 +450,7 @@ DEQUANT = [
     ("fp8_w8a16_channel", decode_formats, grouped, torch.bfloat16, "grouped_mm[fp8_formats]"),
     ("int4_w4a16_g32", decode_int4, batched, torch.float32, "batched_mm[int4]"),
     ("int4_w4a16_g32", decode_formats, dense_einsum, torch.bfloat16, "dense_einsum[int4_formats]"),
+    ("int4_w4a16_g32", decode_formats, dense_einsum, torch.float32, "dense_einsum[int4]"),  # fp32: int4's graph
     ("mxfp4_w4a16", decode_mxfp4, grouped, torch.bfloat16, "grouped_mm[mxfp4]"),
     ("mxfp4_w4a16", decode_mxfp4, dense_einsum, torch.float32, "dense_einsum[mxfp4]"),
     ("mxfp4_w4a16", decode_formats, batched, torch.float32, "batched_mm[mxfp4_formats]"),

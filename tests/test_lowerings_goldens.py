@@ -67,8 +67,9 @@ def case(name):
     forms = rest.rstrip("]").split(",") if rest else []
     qdq = fp8_qdq if "fp8_qdq" in forms else None
     decode = [f for f in forms if f != "fp8_qdq"]
-    # grouped_mm runs bf16 only on CPU; the others in fp32 (exact graphs, no casts)
-    dtype = torch.bfloat16 if dispatch == "grouped_mm" else torch.float32
+    # grouped_mm runs bf16 only on CPU; the others in fp32 (exact graphs, no casts),
+    # except int4_formats, whose fp32 graph is int4's
+    dtype = torch.bfloat16 if dispatch == "grouped_mm" or "int4_formats" in forms else torch.float32
     if decode:
         scheme, fn = DECODE[decode[0]]
         if qdq is not None:

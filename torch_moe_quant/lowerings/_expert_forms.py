@@ -129,15 +129,15 @@ def _int4_decode(t, c, dtype):
 
 def _int4_formats_decode(t, c, dtype):
     """``formats.dequantize`` of a symmetric int4 ``QuantizedTensor`` without
-    ``g_idx`` (``unpack_nibbles`` indexes the nibbles with a constant order
-    tensor: ``c["_order"]``)."""
+    ``g_idx`` (plain nibble order: ``unpack_nibbles`` does not index): int4's
+    graph with the scale cast to fp32 first, which only bf16 / fp16 scales
+    show (in fp32 it is int4's graph and matches that pattern)."""
     from ..formats.core import PerGroup, expand_scale
 
     packed, scale = t[""], t["_scale"]
     rows, cols = packed.shape[-2], packed.shape[-1] * 8
     nib = (packed.unsqueeze(-1) >> _int4_shifts(packed)) & 0xF
-    vals = nib[..., c["_order"]].reshape(*packed.shape[:-1], cols)
-    v = vals.float() - 8
+    v = nib.reshape(*packed.shape[:-1], cols).float() - 8
     group = PerGroup(cols // scale.shape[-1])
     return (v * expand_scale(scale, group, rows, cols).float()).to(dtype)
 
@@ -201,7 +201,6 @@ class WeightForm:
             out = {
                 "": torch.empty(E, N, K // 8, dtype=torch.int32),
                 "_scale": torch.empty(E, N, K // 32, dtype=dtype),
-                "_order": torch.empty(8, dtype=torch.int64),
             }
         else:  # mxfp4
             out = {
@@ -221,7 +220,7 @@ WEIGHT_FORMS = {
         WeightForm("fp8", ("", "_scale"), (), _fp8_channel_decode, "fp8_e4m3"),
         WeightForm("fp8_formats", ("", "_scale"), (), _fp8_channel_formats_decode, "fp8_e4m3"),
         WeightForm("int4", ("", "_scale"), (), _int4_decode, "int4"),
-        WeightForm("int4_formats", ("", "_scale"), ("_order",), _int4_formats_decode, "int4"),
+        WeightForm("int4_formats", ("", "_scale"), (), _int4_formats_decode, "int4"),
         WeightForm("mxfp4", ("", "_scale"), ("_lut",), _mxfp4_decode, "mxfp4"),
         WeightForm("mxfp4_formats", ("", "_scale"), ("_lut", "_nan", "_ones"), _mxfp4_formats_decode, "mxfp4"),
     )

@@ -92,8 +92,8 @@ Weight forms (what produces ``w13``/``w2``, dequantized to x's dtype)::
                                                             -> int4_w4a16_g{32,64,128} | _channel
                  post-grad: unsqueeze iota __rshift__ bitwise_and reshape [cast] sub
                             unsqueeze expand clone reshape mul [cast]
-  int4_formats   formats.dequantize (no zero point, no g_idx): the nibbles indexed
-                 by a constant order tensor, [cast scale]
+  int4_formats   formats.dequantize (no zero point, no g_idx): int4's graph with the
+                 scale cast to fp32 first (bf16 / fp16 only; in fp32 it is int4's)
   mxfp4          e2m1 lookup table (a torch.tensor constant in forward) x 2^(e8m0-127):
                      lo = lut[(data & 0x0F).long()]; hi = lut[(data >> 4).long()]
                      v = torch.stack((lo, hi), -1).reshape(E, N, K // 32, 32)
@@ -477,8 +477,6 @@ class ExpertRewrite:
             ):
                 return False
         for w in ("w13", "w2"):
-            if "_order" in self.weights.consts and not _is_constant_table(kw[w + "_order"], range(8)):
-                return False
             if "_lut" in self.weights.consts and not _is_constant_table(kw[w + "_lut"], forms.E2M1_VALUES):
                 return False
             if "_nan" in self.weights.consts and not _is_full(kw[w + "_nan"], float("nan")):
@@ -610,7 +608,8 @@ def rewrites() -> Tuple[ExpertRewrite, ...]:
     quantized += [(name, False) for name in ("fp8", "fp8_formats", "int4", "int4_formats", "mxfp4", "mxfp4_formats")]
     for name, qdq in quantized:
         out += [ExpertRewrite(grouped_mm, A["silu"], W[name], qdq, _BF16)]
-        for dtype in (_FP32, _BF16):
+        # int4_formats in fp32 is int4's graph (its scale cast is a no-op): registered once, as int4
+        for dtype in (_BF16,) if name == "int4_formats" else (_FP32, _BF16):
             out += [ExpertRewrite(batched_mm, A["silu"], W[name], qdq, dtype)]
             out += [ExpertRewrite(forms.DENSE_EINSUM, A["silu"], W[name], qdq, dtype, _FP32)]
     # (a) transformers v5 experts implementations, float weights
