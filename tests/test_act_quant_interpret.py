@@ -137,8 +137,13 @@ QDQ_KERNEL_INPUT = {"fp8_w8a8_tensor_static": "quantize_rows", "int8_w8a8_tensor
                     "fp8_w8a8_channel_token": "quantize_rows"}
 
 
+#: ActInput.CODES: group fp8 too goes to quantize_rows (codes); MX groups stay qdq_rows
+CODES_INPUT = dict(QDQ_KERNEL_INPUT, fp8_w8a8_block128="quantize_rows")
+
+
+@pytest.mark.parametrize("act_input", [ActInput.QDQ_KERNEL, ActInput.CODES])
 @pytest.mark.parametrize("name", sorted(QDQ_KERNEL_INPUT))
-def test_pipeline_quantizer_choice(name, torch_align, monkeypatch):
+def test_pipeline_quantizer_choice(name, act_input, torch_align, monkeypatch):
     # static fp8 / int8 with natively dottable weights become exact codes; the
     # rest of the tile-local specs go through qdq_rows
     calls = []
@@ -148,8 +153,8 @@ def test_pipeline_quantizer_choice(name, torch_align, monkeypatch):
         steps, quantize_rows=record(steps.quantize_rows, "quantize_rows"), qdq_rows=record(steps.qdq_rows, "qdq_rows")))
     experts = _experts(name)
     topk_w, ids = _routing(5)
-    out = fused_experts_triton(_x(5), experts, topk_w, ids, config=FUSED_TILE)
-    assert calls == [QDQ_KERNEL_INPUT[name]] * 2
+    out = fused_experts_triton(_x(5), experts, topk_w, ids, config=FUSED_TILE, act_input=act_input)
+    assert calls == [(QDQ_KERNEL_INPUT if act_input is ActInput.QDQ_KERNEL else CODES_INPUT)[name]] * 2
     assert rel_err(out, reference.fused_moe(_x(5), experts, topk_w, ids)) < max(FUSED_BOUNDS[name], QDQ_VALUES_BOUND)
 
 
@@ -312,6 +317,8 @@ def torch_align(monkeypatch):
 
 PIPELINE_CASES = [(n, ActInput.QDQ_KERNEL) for n in ACT_SCHEMES]
 PIPELINE_CASES += [(n, ActInput.PROLOGUE) for n in ACT_SCHEMES if PATHS[n][0] == "prologue"]
+#: ActInput.CODES: fp8 block128 as group codes; mxfp4 activations fall back to qdq_rows
+PIPELINE_CASES += [(n, ActInput.CODES) for n in ("fp8_w8a8_block128", "mxfp4_w4a4")]
 
 
 @pytest.mark.parametrize("name,act_input", PIPELINE_CASES, ids=[f"{n}-{a.value}" for n, a in PIPELINE_CASES])
@@ -323,7 +330,8 @@ def test_fused_pipeline_matches_reference(name, act_input, torch_align):
     twin = fused_experts_ref(x, experts, topk_w, ids, config=FUSED_TILE, act_input=act_input)
     ref = reference.fused_moe(x, experts, topk_w, ids)
     bound = FUSED_BOUNDS[name]
-    if act_input is ActInput.QDQ_KERNEL and PATHS[name][0] == "prologue" and "tensor_static" not in name:
+    values = act_input is ActInput.QDQ_KERNEL or (act_input is ActInput.CODES and "block128" not in name)
+    if values and PATHS[name][0] == "prologue" and "tensor_static" not in name:
         # the QDQ values are rounded to fp16 before a compute-dtype dot (the
         # prologue keeps fp32 / feeds exact fp8 codes), and that rounding can
         # move an intermediate value across a rounding boundary of GEMM2's
@@ -356,6 +364,31 @@ def _gemm_inputs(name, M=5):
         codes, scale = quantize_rows(x, act)
         return experts, (codes, experts.w13, *aligned), dict(kw, a_scale=scale)
     return experts, (x, experts.w13, *aligned), kw
+
+
+def test_group_codes_gemm_matches_ref():
+    # fp8 block128 activations as codes + [rows, K / 128] scales (ActInput.CODES):
+    # the native dot with the activation scale per K tile, and its compute fallback
+    experts, (x, w, *aligned), kw = _gemm_inputs("fp8_w8a8_block128")
+    act = kw["act"]
+    codes, scale = quantize_rows(x, act)
+    rcodes, rscale = quantize_rows_ref(x, act)
+    assert _same_codes(codes, rcodes) and _same_values(scale, rscale) and scale.shape == (x.shape[0], x.shape[1] // 128)
+    kw = dict(kw, act=act.as_group_codes(), a_scale=scale)
+    ref = moe_gemm_ref(codes, w, *aligned, **kw)
+    native = moe_gemm(codes, w, *aligned, dot=DotPreference.NATIVE, **kw)
+    fallback = moe_gemm(codes, w, *aligned, dot=DotPreference.COMPUTE, **kw)
+    assert rel_err(native, ref) < 1e-5, rel_err(native, ref)
+    assert rel_err(fallback, ref) < 2e-3, rel_err(fallback, ref)
+    # the same GEMM with the prologue quantizing the float input: the same codes and scales
+    prologue = moe_gemm(x, w, *aligned, dot=DotPreference.NATIVE, **dict(kw, act=act, a_scale=None))
+    assert rel_err(native, prologue) < 1e-6, rel_err(native, prologue)
+    with pytest.raises(ValueError, match=r"a_scale must have shape"):
+        moe_gemm(codes, w, *aligned, **dict(kw, a_scale=scale[:1]))
+    with pytest.raises(ValueError, match="must equal the activation group 128 for group codes"):
+        moe_gemm(codes, w, *aligned, **dict(kw, config=dataclasses.replace(kw["config"], block_k=256)))
+    with pytest.raises(ValueError, match="only fp8 / int8 dynamic group"):
+        ActQuant.of(SPECS[next(k for k in SPECS if "per-row" in k)]).as_group_codes()
 
 
 @pytest.mark.parametrize("name", GEMM_CASES)

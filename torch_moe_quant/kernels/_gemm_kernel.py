@@ -70,6 +70,7 @@ _A_NONE = tl.constexpr(ActScale.NONE.value)
 _A_STATIC = tl.constexpr(ActScale.STATIC_TENSOR.value)
 _A_ROW = tl.constexpr(ActScale.DYNAMIC_ROW.value)
 _A_GROUP = tl.constexpr(ActScale.DYNAMIC_GROUP.value)
+_A_CODES_GROUP = tl.constexpr(ActScale.GROUP_CODES.value)
 _A_NVFP4 = tl.constexpr(ActScale.NVFP4.value)
 _A_EL_FP8 = tl.constexpr(ActElement.FP8_E4M3.value)
 _DOT_COMPUTE = tl.constexpr(DotKind.COMPUTE.value)
@@ -202,13 +203,17 @@ def _a_operand(
     COMPUTE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, FP8_NATIVE: tl.constexpr,
 ):
     """The A tile as a dot operand and its per-row scale for this K tile
-    (``DOT`` native with ``DYNAMIC_GROUP``; 1 otherwise). ``a`` holds codes
-    for ``DYNAMIC_ROW`` (dequantized with the row scales on the compute path)
-    and float values otherwise (quantized here: the prologue)."""
+    (``DOT`` native with ``DYNAMIC_GROUP`` / ``GROUP_CODES``; 1 otherwise).
+    ``a`` holds codes for ``DYNAMIC_ROW`` and ``GROUP_CODES`` (``a_row_scale``:
+    the row's scale, of this K tile for ``GROUP_CODES``; dequantized with it
+    on the compute path) and float values otherwise (quantized here: the
+    prologue)."""
     tile_scale = 1.0
     if A_SCALE == _A_NONE:
         op = a.to(COMPUTE)
-    elif A_SCALE == _A_ROW:
+    elif (A_SCALE == _A_ROW) | (A_SCALE == _A_CODES_GROUP):
+        if (A_SCALE == _A_CODES_GROUP) & (DOT != _DOT_COMPUTE):
+            tile_scale = a_row_scale
         if DOT == _DOT_FP8:
             op = a.to(tl.float8e4nv, bitcast=True)
         elif DOT == _DOT_INT8:
@@ -409,8 +414,12 @@ def moe_gemm_kernel(
         offs_k = k0 + tl.arange(0, BLOCK_K)
         k_ok = offs_k < K
         a = tl.load(a_ptrs + offs_k[None, :] * stride_ak, mask=row_ok[:, None] & k_ok[None, :], other=0)
+        if A_SCALE == _A_CODES_GROUP:  # [rows, K / A_GROUP] scales, A_GROUP == BLOCK_K
+            a_scales = tl.load(a_scale_ptr + a_row * (K // A_GROUP) + k0 // A_GROUP, mask=row_ok, other=1.0)
+        else:
+            a_scales = a_row_scale
         a_op, a_tile_scale = _a_operand(
-            a, a_static, a_row_scale, A_ELEM, A_SCALE, A_GROUP, DOT, COMPUTE, BLOCK_M, BLOCK_K, FP8_NATIVE
+            a, a_static, a_scales, A_ELEM, A_SCALE, A_GROUP, DOT, COMPUTE, BLOCK_M, BLOCK_K, FP8_NATIVE
         )
         if DOT != _DOT_COMPUTE:
             # native fp8 / int8 tensor-core dot on codes; scales in fp32 per K tile or in the epilogue
@@ -423,7 +432,7 @@ def moe_gemm_kernel(
                 s_off = expert * stride_se + s_col + (k0 // SCALE_BLOCK_K) * stride_sk
                 tile_scale = _decode_scale(tl.load(scale_ptr + s_off, mask=n_ok, other=0), SCALE_CODEC, FP8_NATIVE)
                 part = part * tile_scale[None, :]
-            if A_SCALE == _A_GROUP:
+            if (A_SCALE == _A_GROUP) | (A_SCALE == _A_CODES_GROUP):
                 part = part * a_tile_scale[:, None]
             acc += part
         else:

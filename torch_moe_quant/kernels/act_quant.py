@@ -62,6 +62,7 @@ class ActScale(enum.IntEnum):
     MX_FLOOR = 4  # e8m0 shared exponent per 32, OCP floor rule
     MX_EVEN = 5  # e8m0 shared exponent per 32, AMD Quark "even" rule
     NVFP4 = 6  # e4m3 block scale per 16 x static fp32 global scale
+    GROUP_CODES = 7  # DYNAMIC_GROUP already applied by quantize_rows: the GEMM reads codes + [rows, K/g] scales
 
 
 class ActPlacement(enum.Enum):
@@ -146,7 +147,8 @@ class ActQuant:
 
     @property
     def placement(self) -> ActPlacement:
-        return ActPlacement.ROW_KERNEL if self.scale is ActScale.DYNAMIC_ROW else ActPlacement.PROLOGUE
+        codes = self.scale in (ActScale.DYNAMIC_ROW, ActScale.GROUP_CODES)
+        return ActPlacement.ROW_KERNEL if codes else ActPlacement.PROLOGUE
 
     @property
     def code_dtype(self) -> torch.dtype:
@@ -160,6 +162,14 @@ class ActQuant:
         if self.scale not in (ActScale.DYNAMIC_ROW, ActScale.STATIC_TENSOR) or self.element not in CODE_DTYPES:
             raise ValueError(f"{self.spec}: only fp8 / int8 per-row or per-tensor activations become row codes")
         return dataclasses.replace(self, scale=ActScale.DYNAMIC_ROW, group=0, static_scale=None)
+
+    def as_group_codes(self) -> "ActQuant":
+        """How the GEMM sees fp8 / int8 groups (``DYNAMIC_GROUP``) once
+        ``quantize_rows`` turned them into codes + fp32 scales ``[rows, K / group]``
+        (``GROUP_CODES``: ``ROW_KERNEL`` placement, one scale per row and K tile)."""
+        if self.scale is not ActScale.DYNAMIC_GROUP or self.element not in CODE_DTYPES:
+            raise ValueError(f"{self.spec}: only fp8 / int8 dynamic group activations become group codes")
+        return dataclasses.replace(self, scale=ActScale.GROUP_CODES)
 
     def check_k(self, k: int, name: str) -> None:
         """``k`` must be a multiple of the group (ValueError naming ``name``)."""
@@ -262,10 +272,13 @@ def block_k_for(act: ActQuant, k: int) -> int:
     return max(b, act.group)
 
 
+_CODE_SCALES = (ActScale.DYNAMIC_ROW, ActScale.STATIC_TENSOR, ActScale.DYNAMIC_GROUP)
+
+
 def _check_row_codes(act: ActQuant) -> None:
-    if act.scale not in (ActScale.DYNAMIC_ROW, ActScale.STATIC_TENSOR) or act.element not in CODE_DTYPES:
+    if act.scale not in _CODE_SCALES or act.element not in CODE_DTYPES:
         raise ValueError(
-            f"act: quantize_rows is for fp8 / int8 per-row or static per-tensor activations, got {act.spec}"
+            f"act: quantize_rows is for fp8 / int8 per-row, per-group or static per-tensor activations, got {act.spec}"
         )
 
 
@@ -274,13 +287,17 @@ def quantize_rows(x: torch.Tensor, act: ActQuant) -> Tuple[torch.Tensor, torch.T
     Triton launch: ``(codes [rows, K] in act.code_dtype, fp32 scales [rows])``,
     bit-exact with ``formats.quantize(x.float(), fmt, PerRow())`` (dynamic)
     or ``formats.quantize(x.float(), fmt, PerTensor(), scale=static_scale)``
-    (static: every row gets the static scale). The GEMM reads the result as
-    ``act.as_row_codes()``."""
+    (static: every row gets the static scale); the GEMM reads the result as
+    ``act.as_row_codes()``. Dynamic groups: fp32 scales ``[rows, K / group]``,
+    bit-exact with ``formats.quantize(x.float(), fmt, PerGroup(group))``, read
+    as ``act.as_group_codes()``."""
     _check_x(x, act)
     _check_row_codes(act)
     rows, k = x.shape
     codes = torch.empty(rows, k, dtype=act.code_dtype, device=x.device)
-    if act.scale is ActScale.STATIC_TENSOR:
+    if act.scale is ActScale.DYNAMIC_GROUP:
+        scale = written = torch.empty(rows, k // act.group, dtype=torch.float32, device=x.device)
+    elif act.scale is ActScale.STATIC_TENSOR:
         scale = act.static_scale.expand(rows).contiguous()
         written = torch.empty(1, dtype=torch.float32, device=x.device)  # not written by the kernel
     else:
@@ -298,6 +315,9 @@ def quantize_rows_ref(x: torch.Tensor, act: ActQuant) -> Tuple[torch.Tensor, tor
     if act.scale is ActScale.STATIC_TENSOR:
         q = formats.quantize(x.float(), act.spec.fmt, PerTensor(), scale=act.static_scale.reshape(1, 1))
         return q.data, act.static_scale.expand(x.shape[0]).contiguous()
+    if act.scale is ActScale.DYNAMIC_GROUP:
+        q = formats.quantize(x.float(), act.spec.fmt, PerGroup(act.group))
+        return q.data, q.scale.float().reshape(x.shape[0], -1)
     q = formats.quantize(x.float(), act.spec.fmt, PerRow())
     return q.data, q.scale.reshape(-1)
 

@@ -15,7 +15,9 @@ Pipeline (each step is the step of ``reference.moe_forward`` it replaces):
    native dot (``_static_codes``); every other spec (groups of 16/32/128,
    static fp8 with MX weights) as ``ActInput`` says: by default ``act_quant.qdq_rows`` (one launch writing
    the quantize-dequantized values in the compute dtype), or in the GEMM's
-   prologue (no launch); bit-exact with ``reference.activation_qdq``;
+   prologue (no launch), or (``ActInput.CODES``, fp8 / int8 groups) as
+   codes + group scales from ``quantize_rows`` for the native dot;
+   bit-exact with ``reference.activation_qdq``;
 4. ``align.align_unchecked`` (one Triton program at decode sizes);
 5. GEMM1 (``w13`` + ``w13_bias``) with the activation in its epilogue ->
    ``[M * k, I]``, in the compute dtype, or fp32 when the scheme quantizes
@@ -78,10 +80,19 @@ class ActInput(enum.Enum):
     QDQ pass, fp8_w8a8_block128 2.3 ms vs 0.32 ms, gpt-oss M=4096
     fp8_w8a8_tensor_static 14.4 vs 7.3 ms; it won only at M=1 against the
     many-op torch QDQ (mxfp6_e2m3_w6a6 0.21 vs 0.49 ms), which the one-launch
-    ``qdq_rows`` replaces."""
+    ``qdq_rows`` replaces.
+
+    ``CODES``: fp8 / int8 groups (fp8 block128) become codes + one fp32 scale
+    per row and group in one ``quantize_rows`` launch, and the GEMM runs the
+    native fp8 / int8 dot on them (the activation scale applied per K tile,
+    ``ActScale.GROUP_CODES``): exact codes, as static fp8 / int8 always get
+    (``_static_codes``), instead of QDQ values rounded to the compute dtype.
+    Other specs, or weights the native dot cannot take, fall back to
+    ``QDQ_KERNEL``. Not yet measured on a GPU, hence opt-in."""
 
     QDQ_KERNEL = "qdq_kernel"
     PROLOGUE = "prologue"
+    CODES = "codes"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -118,6 +129,14 @@ def _static_codes(act: ActQuant, weight, device: torch.device) -> bool:
         return False
     # per-tensor / per-column weight scales: the tile size does not matter
     return native_dot_blocker(act.as_row_codes(), WeightOperand.of(weight), 128, device) is None
+
+
+def _group_codes(act: ActQuant, weight, device: torch.device) -> bool:
+    """fp8 / int8 dynamic groups whose GEMM can take the native dot with one
+    activation scale per K tile (``ActInput.CODES``): BLOCK_K = the group."""
+    if act.scale is not ActScale.DYNAMIC_GROUP or act.element not in CODE_DTYPES:
+        return False
+    return native_dot_blocker(act.as_group_codes(), WeightOperand.of(weight), act.group, device) is None
 
 
 def supported_weight_formats() -> FrozenSet[Format]:
@@ -190,10 +209,13 @@ def _run(
         if act.placement is ActPlacement.ROW_KERNEL:
             codes, scale = steps.quantize_rows(a, act)
             return dict(a=codes, a_scale=scale, act=act)
-        if act_input is ActInput.QDQ_KERNEL and _static_codes(act, weight, a.device):
+        if act_input is not ActInput.PROLOGUE and _static_codes(act, weight, a.device):
             codes, scale = steps.quantize_rows(a, act)
             return dict(a=codes, a_scale=scale, act=act.as_row_codes())
-        if act_input is ActInput.QDQ_KERNEL:
+        if act_input is ActInput.CODES and _group_codes(act, weight, a.device):
+            codes, scale = steps.quantize_rows(a, act)
+            return dict(a=codes, a_scale=scale, act=act.as_group_codes())
+        if act_input is not ActInput.PROLOGUE:
             return dict(a=steps.qdq_rows(a, act, cdt), act=None)
         return dict(a=a, act=act)
 

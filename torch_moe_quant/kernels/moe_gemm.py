@@ -68,7 +68,7 @@ from ..fake_impls.shapes import align_shapes
 from ..formats.core import check_tensor
 from ..reference import dequantize_weight
 from ._operand import FLOAT_DTYPES, ElementCodec, ScaleCodec, ScaleMode, Weight, WeightOperand
-from .act_quant import ActElement, ActPlacement, ActQuant, fake_quantize_ref
+from .act_quant import ActElement, ActPlacement, ActQuant, ActScale, fake_quantize_ref
 from .config import GemmProblem, KernelConfig, fit_activation, select_config
 
 
@@ -255,13 +255,19 @@ def _check_call(
     codes = act is not None and act.placement is ActPlacement.ROW_KERNEL
     if codes:
         check_tensor("a", a, dtype=act.code_dtype)
-        check_tensor("a_scale", a_scale, dtype=torch.float32, shape=(a.shape[0],) if a.dim() == 2 else None)
+        if a.dim() != 2:
+            raise ValueError(f"a must be 2-D [rows, K], got shape {tuple(a.shape)}")
+        grouped = act.scale is ActScale.GROUP_CODES
+        want = (a.shape[0], a.shape[1] // act.group) if grouped else (a.shape[0],)
+        check_tensor("a_scale", a_scale, dtype=torch.float32, shape=want)
+        if grouped and not a_scale.is_contiguous():
+            raise ValueError("a_scale of group codes must be contiguous [rows, K / group]")
         if a_scale.device != a.device:
             raise ValueError(f"a_scale is on {a_scale.device} but a is on {a.device}")
     else:
         check_tensor("a", a, dtype=FLOAT_DTYPES)
         if a_scale is not None:
-            raise ValueError("a_scale is only for per-row activation codes (act.placement ROW_KERNEL)")
+            raise ValueError("a_scale is only for activation codes (act.placement ROW_KERNEL)")
     if compute_dtype is None:
         compute_dtype = torch.bfloat16 if codes else a.dtype
     if compute_dtype not in FLOAT_DTYPES:
@@ -291,6 +297,11 @@ def _check_call(
             raise ValueError(
                 f"config.block_k={config.block_k} must be a multiple of the activation group {act.group} "
                 f"(the prologue quantizes whole groups; config.fit_activation raises it)"
+            )
+        if act.scale is ActScale.GROUP_CODES and config.block_k != act.group:
+            raise ValueError(
+                f"config.block_k={config.block_k} must equal the activation group {act.group} for group codes "
+                f"(one activation scale per row and K tile)"
             )
         if act.static_scale is not None and act.static_scale.device != a.device:
             raise ValueError(f"act.static_scale is on {act.static_scale.device} but a is on {a.device}")
@@ -479,6 +490,8 @@ def moe_gemm_ref(
     op, bm = call.op, call.config.block_m
     if act is None:
         a = a.float()
+    elif act.scale is ActScale.GROUP_CODES:
+        a = a.float() * a_scale.repeat_interleave(act.group, dim=1)
     elif act.placement is ActPlacement.ROW_KERNEL:
         a = a.float() * a_scale[:, None]
     else:
