@@ -231,6 +231,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--warm-jobs", type=int, default=0,
                    help="first compile every kernel in this many parallel worker processes (see warm_up)")
     p.add_argument("--warm-shard", type=int, nargs=2, default=None, metavar=("I", "N"), help=argparse.SUPPRESS)
+    p.add_argument("--act-input", default=None, choices=["qdq_kernel", "prologue", "codes"],
+                   help="time fused_experts_triton with this ActInput instead of the op (its default)")
     args = p.parse_args(argv)
     schemes = args.schemes or list(tmq.SCHEMES)
     if args.resume:
@@ -280,7 +282,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                 continue
             for M in args.M:
                 x, tw, ids, base = inputs[M]
-                row = measure(timer, shape, M, scheme, experts, x, tw, ids, base, dequant)
+                row = measure(timer, shape, M, scheme, experts, x, tw, ids, base, dequant, args.act_input)
                 print(_md(row), flush=True)
                 if args.json:
                     with open(args.json, "a") as f:
@@ -355,7 +357,7 @@ def _warm_shard(args, schemes_left: Dict[str, List[str]]) -> int:
                 g = torch.Generator(device=dev).manual_seed(M)
                 x = torch.randn(M, shape.H, generator=g, device=dev).bfloat16()
                 tw, ids = route_for(shape, torch.randn(M, shape.E, generator=g, device=dev))
-                measure(timer, shape, M, scheme, experts, x, tw, ids, 1.0, False)
+                measure(timer, shape, M, scheme, experts, x, tw, ids, 1.0, False, args.act_input)
             del experts
             torch.cuda.empty_cache()  # eight workers share the GPU's memory
         del w13, w2, b13, b2
@@ -378,7 +380,10 @@ def _calibrate(x, w13, w2, scheme, tw, ids, shape, b13, b2):
     )
 
 
-def measure(timer: Timer, shape: Shape, M: int, scheme, experts, x, tw, ids, base_ms: float, dequant: bool) -> Dict:
+def measure(
+    timer: Timer, shape: Shape, M: int, scheme, experts, x, tw, ids, base_ms: float, dequant: bool,
+    act_input: Optional[str] = None,
+) -> Dict:
     from torch_moe_quant.kernels.align import align_triton
     from torch_moe_quant.kernels.config import GemmProblem, select_config
     from torch_moe_quant.kernels.moe_gemm import ARows, DroppedRows, moe_gemm
@@ -386,8 +391,14 @@ def measure(timer: Timer, shape: Shape, M: int, scheme, experts, x, tw, ids, bas
 
     act = Activation(shape.activation)
 
-    def fwd():
-        return tmq.fused_moe(x, experts, tw, ids, activation=act)
+    if act_input is None:
+        def fwd():
+            return tmq.fused_moe(x, experts, tw, ids, activation=act)
+    else:  # the op's CUDA kernel with another ActInput (the op itself takes none)
+        from torch_moe_quant.kernels.fused_experts import ActInput, fused_experts_triton
+
+        def fwd():
+            return fused_experts_triton(x, experts, tw, ids, activation=act, act_input=ActInput(act_input))
 
     out = fwd()
     rows = torch.randperm(M, generator=torch.Generator().manual_seed(0))[:REF_ROWS].to(x.device)
@@ -433,6 +444,7 @@ def measure(timer: Timer, shape: Shape, M: int, scheme, experts, x, tw, ids, bas
         bf16_ms=base_ms, dequant_ms=deq_ms, speedup_bf16=base_ms / fwd_ms,
         speedup_dequant=deq_ms / fwd_ms if isinstance(deq_ms, float) else None,
         roofline_pct=100 * floor / fwd_ms, err=err, bound=bound(experts.scheme), ok=err < bound(experts.scheme),
+        act_input=act_input or "default",
         device=torch.cuda.get_device_name(), hbm_bytes_per_s=bandwidth,
     )
 
