@@ -230,21 +230,27 @@ WIDE_ROWS = 256
 _ROW_TILE = (2, 1024)
 
 
+def _tile(k: int, smallest: int, widest: int) -> int:
+    """``smallest`` doubled until it reaches ``min(k, widest)``."""
+    b = smallest
+    while b < min(k, widest):
+        b *= 2
+    return b
+
+
 def launch_tiles(act: ActQuant, rows: int, k: int) -> Tiles:
     """The ``Tiles`` of a launch for ``act`` on ``[rows, k]``: at ``WIDE_ROWS``
-    rows or more, 16-row programs over whole rows (tile width ``block_k_for``);
-    below, group / per-tensor scales split K across programs (one tile each)
-    and per-row scales, which need the whole row in one program, take 2-row
-    programs with wide steps."""
-    block_k = block_k_for(act, k)
-    whole = -(-k // block_k) * block_k
+    rows or more, 16-row programs over whole rows (tiles of the power of two
+    >= min(k, 128), at least 16 and the activation group); below, group /
+    per-tensor scales split K across programs (one tile each) and per-row
+    scales, which need the whole row in one program, take 2-row programs with
+    wide steps."""
+    block_k = max(_tile(k, 16, 128), act.group)
     if rows >= WIDE_ROWS:
-        return Tiles(16, block_k, whole)
+        return Tiles(16, block_k, -(-k // block_k) * block_k)
     if act.scale is ActScale.DYNAMIC_ROW:
         block_r, widest = _ROW_TILE
-        wide = block_k
-        while wide < min(k, widest):
-            wide *= 2
+        wide = _tile(k, block_k, widest)
         return Tiles(block_r, wide, -(-k // wide) * wide)
     return Tiles(16, block_k, block_k)
 
@@ -261,15 +267,6 @@ def _launch(x: torch.Tensor, act: ActQuant, codes, scale, values) -> None:
         A_ELEM=int(act.element), A_SCALE=int(act.scale), GROUP=max(act.group, 1),
         BLOCK_R=tiles.block_r, BLOCK_K=tiles.block_k,
     )
-
-
-def block_k_for(act: ActQuant, k: int) -> int:
-    """Tile width along K: the power of two >= min(k, 128), at least 16 and
-    at least the activation group."""
-    b = 16
-    while b < min(k, 128):
-        b *= 2
-    return max(b, act.group)
 
 
 _CODE_SCALES = (ActScale.DYNAMIC_ROW, ActScale.STATIC_TENSOR, ActScale.DYNAMIC_GROUP)
