@@ -99,14 +99,20 @@ def check_routing(
             )
 
 
+#: field names of the two dataclasses, read once (``experts_tensors`` runs on every call:
+#: ~4 us this way, ~30 us through ``pytree.tree_flatten_with_path``)
+_EXPERTS_FIELDS = tuple(f.name for f in dataclasses.fields(QuantizedExperts))
+_QTENSOR_FIELDS = tuple(f.name for f in dataclasses.fields(QuantizedTensor))
+
+
 def experts_tensors(experts: QuantizedExperts):
     """``(field name, tensor)`` of every tensor ``experts`` holds (a quantized
     weight contributes its data, scales, zero points and g_idx)."""
-    for field in ("w13", "w2", "w13_bias", "w2_bias", "a13_scale", "a2_scale"):
+    for field in _EXPERTS_FIELDS:
         value = getattr(experts, field)
         if isinstance(value, QuantizedTensor):
-            for sub in ("data", "scale", "zero_point", "g_idx", "global_scale"):
-                t = getattr(value, sub, None)
+            for sub in _QTENSOR_FIELDS:
+                t = getattr(value, sub)
                 if isinstance(t, torch.Tensor):
                     yield f"{field}.{sub}", t
         elif isinstance(value, torch.Tensor):
