@@ -30,7 +30,7 @@ import torch
 import torch_moe_quant as tmq
 
 sys.path.insert(0, "bench")
-from moe_bench import SHAPES, Shape, bound, make_weights, reference_on_touched, rel_err, route_for  # noqa: E402
+from moe_bench import SHAPES, Shape, bound, make_batch, make_weights, reference_on_touched, rel_err, run_shards  # noqa: E402
 
 from torch_moe_quant.distributed import select_experts  # noqa: E402
 
@@ -92,9 +92,7 @@ def main() -> int:
         w13, w2, b13, b2 = make_weights(shape, dev)
         batches = {}
         for M in sorted(set(args.M) | ({0, 16} if args.extras else set())):
-            g = torch.Generator(device=dev).manual_seed(M)
-            x = torch.randn(M, shape.H, generator=g, device=dev).bfloat16()
-            batches[M] = (x, *route_for(shape, torch.randn(M, shape.E, generator=g, device=dev)))
+            batches[M] = make_batch(shape, M, dev)
         for name in names:
             scheme = tmq.get_scheme(name)
             xc, twc, idsc = batches[max(batches)]
@@ -126,22 +124,15 @@ def run_workers(jobs: int) -> int:
     """This command once per shard of the schemes, ``jobs`` processes at a
     time on the one GPU; their logs printed in order, failures summed."""
     import re
-    import subprocess
 
-    argv = [a for a in sys.argv[1:]]
+    argv = sys.argv[1:]
     i = argv.index("--jobs")
     del argv[i : i + 2]
-    procs = [
-        subprocess.Popen([sys.executable, __file__, *argv, "--shard", str(k), str(jobs)],
-                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        for k in range(jobs)
-    ]
     failures = cases = 0
-    for k, proc in enumerate(procs):
-        out, _ = proc.communicate()
-        print(f"# shard {k}/{jobs} (exit {proc.returncode})\n{out.rstrip()}", flush=True)
+    for k, (code, out) in enumerate(run_shards(__file__, argv, jobs, "--shard")):
+        print(f"# shard {k}/{jobs} (exit {code})\n{out.rstrip()}", flush=True)
         m = re.search(r"^(\d+) failures in (\d+) cases$", out, re.M)
-        if m is None or proc.returncode not in (0, 1):
+        if m is None or code not in (0, 1):
             failures += 1  # a crashed worker counts as a failure
         else:
             failures, cases = failures + int(m[1]), cases + int(m[2])

@@ -59,6 +59,8 @@ HBM_BYTES_PER_S = {"H100": 3.0e12, "H200": 4.8e12}
 def hbm_bytes_per_s(device_name: str) -> float:
     """The floor's bandwidth for a GPU named ``device_name`` (H100 default)."""
     return next((bw for key, bw in HBM_BYTES_PER_S.items() if key in device_name), HBM_BYTES_PER_S["H100"])
+
+
 BF16_FLOPS = 782e12
 FP8_FLOPS = 1270e12
 #: bytes zeroed before each replay: over the H100's 50 MB L2
@@ -132,6 +134,31 @@ def make_weights(shape: Shape, device, seed: int = 0):
         b13 = (torch.randn(shape.E, 2 * shape.I, generator=g, device=device) * 0.1).bfloat16()
         b2 = (torch.randn(shape.E, shape.H, generator=g, device=device) * 0.1).bfloat16()
     return w13, w2, b13, b2
+
+
+def make_batch(shape: Shape, M: int, device):
+    """``(x bf16 [M, H], topk_weights, topk_ids)`` of batch size ``M``, seeded by
+    ``M`` (the same batch in every script and worker), routed by the shape's own method."""
+    g = torch.Generator(device=device).manual_seed(M)
+    x = torch.randn(M, shape.H, generator=g, device=device).bfloat16()
+    return (x, *route_for(shape, torch.randn(M, shape.E, generator=g, device=device)))
+
+
+def run_shards(script: str, argv: List[str], jobs: int, shard_flag: str) -> List[tuple]:
+    """``script argv shard_flag i jobs`` for i < jobs, all at once (they share
+    the GPU; Triton compiles in parallel): ``(returncode, output)`` of each."""
+    import subprocess
+
+    procs = [
+        subprocess.Popen([sys.executable, script, *argv, shard_flag, str(i), str(jobs)],
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for i in range(jobs)
+    ]
+    results = []
+    for proc in procs:
+        out, _ = proc.communicate()
+        results.append((proc.returncode, out))
+    return results
 
 
 def grouped_mm_moe(x, w13, w2, topk_weights, topk_ids, shape: Shape, b13=None, b2=None):
@@ -261,10 +288,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         w13, w2, b13, b2 = make_weights(shape, dev)
         inputs = {}
         for M in args.M:
-            g = torch.Generator(device=dev).manual_seed(M)
-            x = torch.randn(M, shape.H, generator=g, device=dev).bfloat16()
-            logits = torch.randn(M, shape.E, generator=g, device=dev)
-            tw, ids = route_for(shape, logits)
+            x, tw, ids = make_batch(shape, M, dev)
             base = timer.graph_ms(lambda: grouped_mm_moe(x, w13, w2, tw, ids, shape, b13, b2))
             inputs[M] = (x, tw, ids, base)
         for scheme_name in schemes_left[sname]:
@@ -317,21 +341,13 @@ def warm_up(argv: List[str], jobs: int) -> None:
     Triton's on-disk cache instead of compiling one at a time. Compiling is
     CPU work; on the H100 machine's 16 cores it was most of a serial run
     (19 schemes x 4 shapes did not finish in 550 s)."""
-    import subprocess
-
     t0 = time.time()
-    cmd = [sys.executable, __file__, *argv]
-    procs = [
-        subprocess.Popen([*cmd, "--warm-shard", str(i), str(jobs)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-        for i in range(jobs)
-    ]
     failed = 0
-    for i, proc in enumerate(procs):
-        out, _ = proc.communicate()
-        if proc.returncode:
+    for i, (code, out) in enumerate(run_shards(__file__, argv, jobs, "--warm-shard")):
+        if code:
             failed += 1
-            tail = out.decode(errors="replace").strip().splitlines()[-5:]
-            print(f"# warm-up worker {i} exited {proc.returncode}: " + " / ".join(tail), flush=True)
+            tail = out.strip().splitlines()[-5:]
+            print(f"# warm-up worker {i} exited {code}: " + " / ".join(tail), flush=True)
     print(f"# warm-up: {jobs} workers, {time.time() - t0:.0f} s, {failed} failed", flush=True)
 
 
@@ -354,9 +370,7 @@ def _warm_shard(args, schemes_left: Dict[str, List[str]]) -> int:
                 kw.update(a13_scale=torch.tensor(0.05, device=dev), a2_scale=torch.tensor(0.05, device=dev))
             experts = tmq.quantize_experts(w13, w2, scheme, **kw)
             for M in args.M:
-                g = torch.Generator(device=dev).manual_seed(M)
-                x = torch.randn(M, shape.H, generator=g, device=dev).bfloat16()
-                tw, ids = route_for(shape, torch.randn(M, shape.E, generator=g, device=dev))
+                x, tw, ids = make_batch(shape, M, dev)
                 measure(timer, shape, M, scheme, experts, x, tw, ids, 1.0, False, args.act_input)
             del experts
             torch.cuda.empty_cache()  # eight workers share the GPU's memory
