@@ -23,6 +23,7 @@ from torch_moe_quant.routing import RoutingMethod  # noqa: E402
 K = importlib.import_module  # the package re-exports functions under the submodules' names
 KERNELS = {
     "_gemm_kernel": "moe_gemm_kernel",
+    "_decode_kernel": "moe_decode_kernel",
     "_act_quant_kernel": "act_quant_kernel",
     "_align_kernel": "align_kernel",
     "_combine_kernel": "combine_kernel",
@@ -78,6 +79,7 @@ def record(launches) -> None:
     for launcher in ("moe_gemm", "route"):
         setattr(K(f"torch_moe_quant.kernels.{launcher}"), "kernel_is_interpreted", lambda: True)
     setattr(K("torch_moe_quant.kernels.moe_gemm"), "fp8_native", lambda device: True)  # sm90
+    setattr(K("torch_moe_quant.kernels.moe_gemm"), "decode_asm", lambda device: True)  # the PTX decoders
 
 
 def run_pipeline() -> None:
@@ -96,6 +98,9 @@ def run_pipeline() -> None:
         for act_input in inputs:
             # nothing runs: the outputs are empty tensors, which no step reads on the host
             fused_experts_triton(x, experts, tw, ids, activation=act, act_input=act_input)
+    for name in ("int4_w4a16_g128", "mxfp4_w4a16", "nvfp4_w4a16"):  # the decode kernel (bf16 only)
+        experts = tmq.quantize_experts(w13, w2, name)
+        fused_experts_triton(x.bfloat16(), experts, tw, ids)
     route = K("torch_moe_quant.kernels.route")
     bias = torch.randn(16, generator=g)
     for method in RoutingMethod:
@@ -120,6 +125,7 @@ def main() -> int:
         compiled=len(compiled),
         kernels=sorted({k[0] for k in compiled}),
         gemm_constexprs=[c for k, c in compiled.items() if k[0] == "moe_gemm_kernel"],
+        decode_constexprs=[c for k, c in compiled.items() if k[0] == "moe_decode_kernel"],
     )
     print(json.dumps(summary))
     return 0

@@ -37,8 +37,11 @@ def test_pipeline_kernels_compile_for_sm90():
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads(proc.stdout.strip().splitlines()[-1])
     assert summary["kernels"] == sorted(
-        ["moe_gemm_kernel", "act_quant_kernel", "align_kernel", "combine_kernel", "route_kernel"]
+        ["moe_gemm_kernel", "moe_decode_kernel", "act_quant_kernel", "align_kernel", "combine_kernel", "route_kernel"]
     ), summary["kernels"]
+    # the decode kernel compiles its PTX decoders (ASM) for int4 and fp4 (mxfp4 / nvfp4) weights
+    decode = {(c["ELEMENT"], c["SCALE_CODEC"], c["ASM"]) for c in summary["decode_constexprs"]}
+    assert {("3", "1", "True"), ("4", "2", "True"), ("4", "3", "True")} <= decode, sorted(decode)
     assert summary["compiled"] >= 30, summary["compiled"]
     gemms = summary["gemm_constexprs"]
     # every dot kind and activation form is among the compiled GEMMs: native fp8 on group

@@ -312,6 +312,83 @@ def _ungated(x, ACT: tl.constexpr):
 
 
 @triton.jit
+def tile_rows(sorted_ids_ptr, offs_m, num_padded, num_pairs, TOP_K: tl.constexpr, A_ROWS: tl.constexpr):
+    """``(pair, row_ok, a_row)`` of the block rows ``offs_m``: the pair of
+    each row (0 where masked: sentinel, padding or past ``num_padded``),
+    whether it is a real pair, and the row of ``a`` it reads."""
+    pair = tl.load(sorted_ids_ptr + offs_m, mask=offs_m < num_padded, other=num_pairs)
+    row_ok = (pair >= 0) & (pair < num_pairs)
+    pair = tl.where(row_ok, pair, 0).to(tl.int64)
+    if A_ROWS == _TOKENS:
+        a_row = pair // TOP_K
+    else:
+        a_row = pair
+    return pair, row_ok, a_row
+
+
+@triton.jit
+def tile_cols(pid_n, N, N_OUT, BLOCK_N: tl.constexpr, GATED: tl.constexpr, GATE: tl.constexpr):
+    """``(offs_n, n_ok)``: the weight rows of output tile ``pid_n``. Gated:
+    column j of the tile is output column o(j) = first + j // 2, its gate
+    row for even j and its up row for odd j (``GATE`` says where they live)."""
+    if GATED:
+        HALF_N: tl.constexpr = BLOCK_N // 2
+        j = tl.arange(0, BLOCK_N)
+        out_j = pid_n * HALF_N + j // 2
+        is_up = j % 2
+        if GATE == _INTERLEAVED:
+            offs_n = 2 * out_j + is_up
+        elif GATE == _GATE_UP:
+            offs_n = out_j + is_up * N_OUT
+        else:
+            offs_n = out_j + (1 - is_up) * N_OUT
+        n_ok = out_j < N_OUT
+    else:
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < N
+    return offs_n, n_ok
+
+
+@triton.jit
+def epilogue_store(
+    acc, c_ptr, pair, row_ok, offs_n, n_ok, expert, pid_n, N_OUT,
+    gs_ptr, bias_ptr, topk_w_ptr, stride_be, stride_bn, stride_cm, stride_cn,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ACT: tl.constexpr, GATED: tl.constexpr,
+    OUT_PER_WORD: tl.constexpr, OUT_WORDS: tl.constexpr,
+):
+    """The shared epilogue of an fp32 ``[BLOCK_M, BLOCK_N]`` tile whose
+    weight scales are applied: global scale, bias, activation, routing
+    weight, store of the valid rows and columns. ``OUT_PER_WORD > 1``
+    stores column ``o`` at its position in ``moe_gemm.KOrder(OUT_PER_WORD,
+    OUT_WORDS)`` (the input order the next GEMM's decode kernel reads)."""
+    if gs_ptr is not None:
+        acc = acc / tl.load(gs_ptr + expert)
+    if bias_ptr is not None:
+        bias = tl.load(bias_ptr + expert * stride_be + offs_n * stride_bn, mask=n_ok, other=0.0)
+        acc = acc + bias.to(tl.float32)[None, :]
+    if GATED:
+        gate, up = tl.split(tl.reshape(acc, (BLOCK_M, BLOCK_N // 2, 2)))
+        acc = _gated(gate, up, ACT)
+        out_n = pid_n * (BLOCK_N // 2) + tl.arange(0, BLOCK_N // 2)
+        out_ok = out_n < N_OUT
+    else:
+        if ACT != _ACT_NONE:
+            acc = _ungated(acc, ACT)
+        out_n = offs_n
+        out_ok = n_ok
+    if topk_w_ptr is not None:
+        rw = tl.load(topk_w_ptr + pair, mask=row_ok, other=0.0)
+        acc = acc * rw.to(tl.float32)[:, None]
+    if OUT_PER_WORD > 1:
+        SPAN: tl.constexpr = OUT_PER_WORD * OUT_WORDS
+        col = (out_n // SPAN) * SPAN + (out_n % OUT_PER_WORD) * OUT_WORDS + (out_n % SPAN) // OUT_PER_WORD
+    else:
+        col = out_n
+    c_ptrs = c_ptr + pair[:, None] * stride_cm + col[None, :] * stride_cn
+    tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=row_ok[:, None] & out_ok[None, :])
+
+
+@triton.jit
 def moe_gemm_kernel(
     a_ptr, w_ptr, c_ptr,
     sorted_ids_ptr, block_expert_ptr, num_padded_ptr,
@@ -344,6 +421,8 @@ def moe_gemm_kernel(
     A_SCALE: tl.constexpr,
     A_GROUP: tl.constexpr,
     DOT: tl.constexpr,
+    OUT_PER_WORD: tl.constexpr,
+    OUT_WORDS: tl.constexpr,
 ):
     # ---- tile coordinates: grouped order, GROUP_M row tiles share weight columns
     pid = tl.program_id(0)
@@ -362,32 +441,9 @@ def moe_gemm_kernel(
     if (expert < 0) | (expert >= num_experts):
         return
 
-    # ---- rows: pairs of this block (sentinel / padding rows are masked)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    pair = tl.load(sorted_ids_ptr + offs_m, mask=offs_m < num_padded, other=num_pairs)
-    row_ok = (pair >= 0) & (pair < num_pairs)
-    pair = tl.where(row_ok, pair, 0).to(tl.int64)
-    if A_ROWS == _TOKENS:
-        a_row = pair // TOP_K
-    else:
-        a_row = pair
-    if GATED:
-        # column j of the tile is output column o(j) = first + j // 2: its gate
-        # row for even j, its up row for odd j (GATE says where they live)
-        HALF_N: tl.constexpr = BLOCK_N // 2
-        j = tl.arange(0, BLOCK_N)
-        out_j = pid_n * HALF_N + j // 2
-        is_up = j % 2
-        if GATE == _INTERLEAVED:
-            offs_n = 2 * out_j + is_up
-        elif GATE == _GATE_UP:
-            offs_n = out_j + is_up * N_OUT
-        else:
-            offs_n = out_j + (1 - is_up) * N_OUT
-        n_ok = out_j < N_OUT
-    else:
-        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        n_ok = offs_n < N
+    pair, row_ok, a_row = tile_rows(sorted_ids_ptr, offs_m, num_padded, num_pairs, TOP_K, A_ROWS)
+    offs_n, n_ok = tile_cols(pid_n, N, N_OUT, BLOCK_N, GATED, GATE)
 
     a_ptrs = a_ptr + a_row[:, None] * stride_am
     w_base = w_ptr + expert * stride_we
@@ -486,23 +542,8 @@ def moe_gemm_kernel(
             acc = acc * a_static
     if SCALE_MODE == _SM_PER_COLUMN:
         acc = acc * col_scale[None, :]
-    if gs_ptr is not None:
-        acc = acc / tl.load(gs_ptr + expert)
-    if bias_ptr is not None:
-        bias = tl.load(bias_ptr + expert * stride_be + offs_n * stride_bn, mask=n_ok, other=0.0)
-        acc = acc + bias.to(tl.float32)[None, :]
-    if GATED:
-        gate, up = tl.split(tl.reshape(acc, (BLOCK_M, BLOCK_N // 2, 2)))
-        acc = _gated(gate, up, ACT)
-        out_n = pid_n * (BLOCK_N // 2) + tl.arange(0, BLOCK_N // 2)
-        out_ok = out_n < N_OUT
-    else:
-        if ACT != _ACT_NONE:
-            acc = _ungated(acc, ACT)
-        out_n = offs_n
-        out_ok = n_ok
-    if topk_w_ptr is not None:
-        rw = tl.load(topk_w_ptr + pair, mask=row_ok, other=0.0)
-        acc = acc * rw.to(tl.float32)[:, None]
-    c_ptrs = c_ptr + pair[:, None] * stride_cm + out_n[None, :] * stride_cn
-    tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=row_ok[:, None] & out_ok[None, :])
+    epilogue_store(
+        acc, c_ptr, pair, row_ok, offs_n, n_ok, expert, pid_n, N_OUT,
+        gs_ptr, bias_ptr, topk_w_ptr, stride_be, stride_bn, stride_cm, stride_cn,
+        BLOCK_M, BLOCK_N, ACT, GATED, OUT_PER_WORD, OUT_WORDS,
+    )

@@ -64,7 +64,7 @@ from .autotune import config_for
 from .config import KernelConfig, GemmProblem, fit_activation, select_config
 from .align import align_unchecked
 from .combine import combine_topk, combine_topk_ref
-from .moe_gemm import ARows, DroppedRows, moe_gemm, moe_gemm_ref, native_dot_blocker
+from .moe_gemm import NATURAL, ARows, DroppedRows, decode_order, moe_gemm, moe_gemm_ref, native_dot_blocker
 
 
 class ActInput(enum.Enum):
@@ -223,11 +223,19 @@ def _run(
         x = x * topk_weights.to(x.dtype)[:, :1]
     # the quantizers read fp32 values; x.to(cdt) is exact unless the router weight scaled x
     in1 = gemm_input(x if (spec is not None and apply_router_weight_on_input) else x.to(cdt), act13, experts.w13)
+    # weight-only GEMM2 on the decode kernel reads its input in the weight's packing order
+    # (moe_gemm.KOrder): GEMM1's epilogue writes it so, no permutation pass in between
+    # (a different tuned config for GEMM2 is still correct: moe_gemm converts between orders)
+    order2 = NATURAL
+    if act2 is None and steps.gemm is moe_gemm:
+        guess = config or select_config(GemmProblem(M, h_pad, i_pad, E, top_k, cdt), experts.scheme, x.device)
+        order2 = decode_order(WeightOperand.of(experts.w2), None, guess, cdt, x.device)
     gemm1 = dict(
         top_k=top_k, a_rows=ARows.TOKENS, bias=experts.w13_bias, compute_dtype=cdt,
         # fp32 when the second GEMM's input is quantized: its quantizer sees the reference's values
         out_dtype=cdt if act2 is None else torch.float32, activation=act, layout=experts.layout,
         dropped=DroppedRows.UNWRITTEN,  # rows of dropped pairs are never read (the row kernel's are unused)
+        out_order=order2,
     )
     run1 = lambda c: steps.gemm(  # noqa: E731
         weight=experts.w13, **in1, **dict(zip(_ALIGNED, align(c.block_m))), config=fit_activation(c, in1["act"]), **gemm1
@@ -237,7 +245,7 @@ def _run(
     gemm2 = dict(
         top_k=top_k, a_rows=ARows.PAIRS, bias=experts.w2_bias, compute_dtype=cdt,
         topk_weights=None if apply_router_weight_on_input else topk_weights,
-        out_dtype=cdt, dropped=DroppedRows.UNWRITTEN,
+        out_dtype=cdt, dropped=DroppedRows.UNWRITTEN, a_order=order2,
     )
     run2 = lambda c: steps.gemm(  # noqa: E731
         weight=experts.w2, **in2, **dict(zip(_ALIGNED, align(c.block_m))), config=fit_activation(c, in2["act"]), **gemm2

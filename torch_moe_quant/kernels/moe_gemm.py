@@ -120,6 +120,110 @@ class DroppedRows(enum.Enum):
     UNWRITTEN = "unwritten"  # torch.empty output: the caller never reads those rows
 
 
+@dataclasses.dataclass(frozen=True)
+class KOrder:
+    """The order of a GEMM input's columns along K. ``per_word == 1``: natural.
+    Otherwise K is cut into spans of ``per_word * words`` columns and, within a
+    span, natural column ``w * per_word + j`` sits at position ``j * words + w``:
+    the order in which the decode kernel reads a packed weight (nibble ``j`` of
+    word ``w``), so each of its sub-tiles reads ``words`` contiguous columns."""
+
+    per_word: int = 1
+    words: int = 16
+
+    @property
+    def span(self) -> int:
+        return self.per_word * self.words
+
+    @property
+    def natural(self) -> bool:
+        return self.per_word == 1
+
+    def permute(self, t: torch.Tensor) -> torch.Tensor:
+        """``[rows, K]`` in natural order -> this order (a copy; K a multiple of ``span``)."""
+        if self.natural:
+            return t
+        rows, k = t.shape
+        return t.view(rows, k // self.span, self.words, self.per_word).transpose(2, 3).reshape(rows, k)
+
+    def unpermute(self, t: torch.Tensor) -> torch.Tensor:
+        """Inverse of ``permute``."""
+        if self.natural:
+            return t
+        rows, k = t.shape
+        return t.view(rows, k // self.span, self.per_word, self.words).transpose(2, 3).reshape(rows, k)
+
+    def check(self, name: str, k: int) -> None:
+        if not self.natural and k % self.span:
+            raise ValueError(f"{name}: {k} columns are not a multiple of the KOrder span {self.span}")
+
+
+NATURAL = KOrder()
+
+
+class GemmKernel(enum.Enum):
+    """Which Triton kernel ``moe_gemm`` runs."""
+
+    AUTO = "auto"  # DECODE where ``decode_order`` allows it, else GROUPED
+    GROUPED = "grouped"  # the grouped GEMM (``_gemm_kernel``): every format and activation path
+    DECODE = "decode"  # the weight-streaming swap-AB kernel (``_decode_kernel``), or a ValueError saying why not
+
+
+#: ``config.block_m`` up to which AUTO takes the decode kernel (pairs per expert <= 64)
+DECODE_MAX_BLOCK_M = 32
+#: Weight rows per program of the decode kernel (None: ``_decode_block_n``'s choice per format).
+DECODE_BLOCK_N: Optional[int] = None
+_DECODE_BLOCK_K = {ElementCodec.INT4: 128, ElementCodec.FP4_E2M1: 64}
+DECODE_STAGES = 4
+DECODE_WARPS = 4
+
+
+def decode_blocker(
+    op: WeightOperand, act: Optional[ActQuant], compute_dtype: torch.dtype, device: torch.device
+) -> Optional[str]:
+    """Why the decode kernel cannot run this GEMM (None if it can): it takes
+    weight-only GEMMs (no activation quantization) on int4 (per column or
+    groups that are multiples of 128, no zero point, no act-order) and fp4
+    (mxfp4, nvfp4) weights with bf16 / fp16 compute (bf16 only on CUDA: the
+    PTX decode emits bf16)."""
+    if act is not None:
+        return "the activation is quantized"
+    if op.element not in _DECODE_BLOCK_K:
+        return f"{op.element.name} weights (int4 and fp4 only)"
+    if op.zero_point is not None or op.g_idx is not None:
+        return "weights with zero points or act-order g_idx"
+    order = _DECODE_ORDER[op.element]
+    if op.k % order.span:
+        return f"K={op.k} is not a multiple of {order.span}"
+    if op.element is ElementCodec.INT4 and op.scale_mode(128) not in (ScaleMode.PER_COLUMN, ScaleMode.PER_K_TILE):
+        return f"int4 groups of {op.scale_block_k} (per column or multiples of 128 only)"
+    if compute_dtype not in (torch.bfloat16, torch.float16) or (decode_asm(device) and compute_dtype != torch.bfloat16):
+        return f"compute dtype {compute_dtype}"
+    return None
+
+
+_DECODE_ORDER = {ElementCodec.INT4: KOrder(8), ElementCodec.FP4_E2M1: KOrder(2)}
+
+
+def decode_order(
+    op: WeightOperand, act: Optional[ActQuant], config: KernelConfig, compute_dtype: torch.dtype, device: torch.device,
+    kernel: GemmKernel = GemmKernel.AUTO,
+) -> KOrder:
+    """The input order the GEMM reads (``KOrder``): the weight's packing
+    order when ``kernel`` (AUTO: decode sizes, ``config.block_m <=
+    DECODE_MAX_BLOCK_M``) picks the decode kernel, else ``NATURAL``."""
+    if not isinstance(kernel, GemmKernel):
+        raise TypeError(f"kernel must be a GemmKernel, got {kernel!r}")
+    if kernel is GemmKernel.GROUPED:
+        return NATURAL
+    blocker = decode_blocker(op, act, compute_dtype, device)
+    if kernel is GemmKernel.DECODE and blocker is not None:
+        raise ValueError(f"kernel=GemmKernel.DECODE: the decode kernel cannot run this GEMM: {blocker}")
+    if blocker is not None or (kernel is GemmKernel.AUTO and config.block_m > DECODE_MAX_BLOCK_M):
+        return NATURAL
+    return _DECODE_ORDER[op.element]
+
+
 _GATE_CODES = {GateUpLayout.GATE_UP: 0, GateUpLayout.UP_GATE: 1, GateUpLayout.INTERLEAVED: 2}
 
 
@@ -377,10 +481,17 @@ def moe_gemm(
     a_scale: Optional[torch.Tensor] = None,
     compute_dtype: Optional[torch.dtype] = None,
     dot: DotPreference = DotPreference.AUTO,
+    kernel: GemmKernel = GemmKernel.AUTO,
+    a_order: KOrder = NATURAL,
+    out_order: KOrder = NATURAL,
 ) -> torch.Tensor:
     """Grouped MoE GEMM with in-loop weight dequantization (module docstring).
     ``config`` defaults to ``select_config`` for this problem and device; its
-    ``block_m`` must be the ``block_size`` given to ``align``."""
+    ``block_m`` must be the ``block_size`` given to ``align``. ``kernel``
+    picks the Triton kernel (``GemmKernel``; ``decode_order`` says which
+    AUTO takes). ``a_order`` is the order of ``a``'s columns and
+    ``out_order`` the order the output columns are written in (``KOrder``):
+    a GEMM feeding the decode kernel writes its input order directly."""
     call = _check_call(
         a, weight, sorted_ids, block_expert_ids, num_padded, top_k, a_rows, bias, topk_weights,
         out_dtype, config, activation, layout, act, a_scale, compute_dtype,
@@ -403,6 +514,15 @@ def moe_gemm(
     compute = call.compute_dtype
     if interpreted and compute == torch.bfloat16:
         compute = torch.float32  # the interpreter's bf16 tl.dot is broken (module docstring)
+    _check_orders(a_order, out_order, call)
+    order = decode_order(op, act, cfg, call.compute_dtype, a.device, kernel)
+    if not order.natural:
+        if a_order != order:
+            a = order.permute(a_order.unpermute(a))
+        asm = decode_asm(a.device)  # the PTX decode emits bf16: the dot is bf16 whenever it runs
+        _launch_decode(call, a, out, call.compute_dtype if asm else compute, km, asm, out_order)
+        return out
+    a = a_order.unpermute(a)
     max_padded = call.sorted_ids.numel()
     grid = (_cdiv(max_padded, cfg.block_m) * _cdiv(op.n, cfg.block_n),)
     s_e, s_n, s_k = op.scale_strides()
@@ -444,10 +564,74 @@ def moe_gemm(
         A_SCALE=int(act.scale) if act is not None else 0,
         A_GROUP=max(act.group, 1) if act is not None else 1,
         DOT=int(dot_kind),
+        OUT_PER_WORD=out_order.per_word,
+        OUT_WORDS=out_order.words,
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
     )
     return out
+
+
+def _decode_block_n(op: WeightOperand) -> int:
+    """Weight rows per decode program. Measured on the H200 (bench/decode_tune.py,
+    M = 1 / 16 / 256, mixtral / deepseek-v3 / qwen3 GEMMs, 4 warps, 4 stages):
+    int4 and nvfp4 ran 10-30% faster with 128 rows (two m64 wgmma per sub-dot:
+    more work per wait) than with 64; mxfp4 (post-dot scale per 32-column
+    chunk) ran 1.5-1.8x slower with 128, so it keeps 64. 8 warps lost everywhere
+    but one point."""
+    if DECODE_BLOCK_N is not None:
+        return DECODE_BLOCK_N
+    return 64 if op.scale_codec is ScaleCodec.E8M0 else 128
+
+
+def decode_asm(device: torch.device) -> bool:
+    """Whether the decode kernel decodes with its PTX (``lop3`` / ``prmt``)
+    helpers: on CUDA; the interpreter runs the plain-Triton decode."""
+    return device.type == "cuda"
+
+
+def _launch_decode(call: "_Call", a, out, compute, km, asm: bool, out_order: KOrder) -> None:
+    """Launch ``_decode_kernel.moe_decode_kernel`` (``a`` in its ``decode_order``)."""
+    from . import _decode_kernel as dk
+
+    op, cfg = call.op, call.config
+    block_k = _DECODE_BLOCK_K[op.element]
+    max_padded = call.sorted_ids.numel()
+    block_n = _decode_block_n(op)
+    grid = (_cdiv(max_padded, cfg.block_m) * _cdiv(op.n, block_n),)
+    s_e, s_n, s_k = op.scale_strides()
+    bias_strides = call.bias.stride() if call.bias is not None else (0, 0)
+    dk.moe_decode_kernel[grid](
+        a, op.data, out,
+        call.sorted_ids, call.block_expert_ids, call.num_padded,
+        op.scale, op.global_scale, call.bias, call.topk_weights,
+        op.n, call.n_out, op.k, call.num_pairs, max_padded, op.num_experts,
+        a.stride(0), a.stride(1),
+        *op.data.stride(),
+        s_e, s_n, s_k,
+        *bias_strides,
+        *out.stride(),
+        TOP_K=call.top_k,
+        A_ROWS=int(call.a_rows),
+        ELEMENT=int(op.element),
+        SCALE_CODEC=int(op.scale_codec),
+        SCALE_MODE=int(op.scale_mode(block_k)),
+        SCALE_BLOCK_N=op.scale_block_n,
+        SCALE_BLOCK_K=op.scale_block_k or 1,
+        COMPUTE=km.TL_DTYPES[compute],
+        BLOCK_M=cfg.block_m,
+        BLOCK_N=block_n,
+        BLOCK_K=block_k,
+        ACT=int(EpilogueAct.of(call.activation)),
+        GATED=call.activation is not None and call.activation.is_gated,
+        GATE=_GATE_CODES[call.layout],
+        FP8_NATIVE=fp8_native(a.device),
+        ASM=asm,
+        OUT_PER_WORD=out_order.per_word,
+        OUT_WORDS=out_order.words,
+        num_warps=DECODE_WARPS,
+        num_stages=DECODE_STAGES,
+    )
 
 
 def _cdiv(x: int, y: int) -> int:
@@ -477,6 +661,9 @@ def moe_gemm_ref(
     a_scale: Optional[torch.Tensor] = None,
     compute_dtype: Optional[torch.dtype] = None,
     dot: DotPreference = DotPreference.AUTO,
+    kernel: GemmKernel = GemmKernel.AUTO,
+    a_order: KOrder = NATURAL,
+    out_order: KOrder = NATURAL,
 ) -> torch.Tensor:
     """Plain-PyTorch twin of ``moe_gemm``: the weight dequantized to fp32
     (``formats.dequantize``) and an fp32 matmul per expert; same contract,
@@ -487,6 +674,8 @@ def moe_gemm_ref(
         out_dtype, config, activation, layout, act, a_scale, compute_dtype,
     )
     choose_dot(act, call.op, call.config.block_k, a.device, dot)  # same errors as moe_gemm
+    _check_orders(a_order, out_order, call)
+    a = a_order.unpermute(a)
     op, bm = call.op, call.config.block_m
     if act is None:
         a = a.float()
@@ -513,10 +702,19 @@ def moe_gemm_ref(
         if call.topk_weights is not None:
             y = y * call.topk_weights[p].float()[:, None]
         out[p] = y
-    return out.to(call.out_dtype)
+    return out_order.permute(out).to(call.out_dtype)
+
+
+def _check_orders(a_order: KOrder, out_order: KOrder, call: "_Call") -> None:
+    for name, order in (("a_order", a_order), ("out_order", out_order)):
+        if not isinstance(order, KOrder):
+            raise TypeError(f"{name} must be a KOrder, got {order!r}")
+    a_order.check("a (a_order)", call.op.k)
+    out_order.check("the output (out_order)", call.n_out)
 
 
 __all__ = [
-    "ARows", "DotKind", "DotPreference", "DroppedRows", "EpilogueAct", "choose_dot", "kernel_is_interpreted",
-    "moe_gemm", "moe_gemm_ref", "native_dot_blocker",
+    "ARows", "DotKind", "DotPreference", "DroppedRows", "EpilogueAct", "GemmKernel", "KOrder", "NATURAL",
+    "choose_dot", "decode_blocker", "decode_order", "kernel_is_interpreted", "moe_gemm", "moe_gemm_ref",
+    "native_dot_blocker",
 ]
