@@ -22,11 +22,17 @@ weights and softmax top-k routing, it measures
   the bf16 path (OOM is reported as such).
 
 It reports the speed-up of ``fwd`` over ``bf16`` and over ``dequant``, and
-``fwd`` as a % of the roofline floor ``max(bytes / HBM bandwidth, flops / peak)``
-(bandwidth: the issue's 3.0 TB/s on an H100, 4.8 TB/s on an H200):
-bytes = the stored weight bytes of the experts the batch touches (codes,
-scales, biases); peak = 1270 TFLOP/s for fp8/int8 activations, 782 TFLOP/s
-otherwise (H100 SXM dense). Every result is checked against the reference
+``fwd`` as a % of the roofline floor ``max(bytes / bandwidth, flops / peak)``:
+bandwidth = the device-to-device copy bandwidth measured at the start of the
+same run (bytes read + written by a 2 GiB ``copy_``, median of 10; recorded
+per row as ``copy_bytes_per_s``); bytes = the stored weight bytes of the
+experts the batch touches (codes, scales, biases) plus the input and output
+rows (``x`` read, ``y`` written, bf16); peak = 1270 TFLOP/s for fp8/int8
+activations, 782 TFLOP/s otherwise (H100 SXM dense). A row above
+``SUSPECT_PCT`` % of its floor is impossible (weights left in L2, or a
+byte count that is off) and is marked ``suspect``: a benchmark bug, not a
+result. The L2 is flushed by writing ``_FLUSH_BYTES`` of changing values
+(not zeros) before every timed replay. Every result is checked against the reference
 (``torch_moe_quant.reference.fused_moe`` on the touched experts, for up to
 ``REF_ROWS`` random tokens) by relative Frobenius error, printed as ``err``
 and marked FAIL above the scheme's ``bound``.
@@ -63,8 +69,31 @@ def hbm_bytes_per_s(device_name: str) -> float:
 
 BF16_FLOPS = 782e12
 FP8_FLOPS = 1270e12
-#: bytes zeroed before each replay: over the H100's 50 MB L2
+#: bytes written before each replay: over 4x the H200's 60 MB L2
 _FLUSH_BYTES = 256 << 20
+#: a row faster than this % of its floor is a benchmark bug (``measure``)
+SUSPECT_PCT = 110.0
+#: bytes copied to measure the device-to-device copy bandwidth
+_COPY_BYTES = 2 << 30
+
+
+def copy_bandwidth(reps: int = 10) -> float:
+    """Device-to-device copy bandwidth in bytes/s (read + written), median of
+    ``reps`` timed ``copy_`` of ``_COPY_BYTES`` after two warm-ups."""
+    src = torch.randint(0, 255, (_COPY_BYTES,), dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    times = []
+    for i in range(reps + 2):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        dst.copy_(src)
+        end.record()
+        end.synchronize()
+        if i >= 2:
+            times.append(start.elapsed_time(end) / 1e3)
+    del src, dst
+    torch.cuda.empty_cache()
+    return 2 * _COPY_BYTES / statistics.median(times)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -205,7 +234,7 @@ class Timer:
             fn()
         times = []
         for _ in range(self.reps):
-            self.flush.zero_()
+            self.flush.add_(1)  # changing values, every byte written
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
             graph.replay()
@@ -231,10 +260,12 @@ def rel_err(a, b) -> float:
     return ((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-30)).item()
 
 
-def touched_bytes(experts, ids) -> float:
-    """Stored bytes of the experts ``ids`` touches (codes, scales, biases)."""
+def touched_bytes(experts, ids, x=None) -> float:
+    """Stored bytes of the experts ``ids`` touches (codes, scales, biases),
+    plus ``x`` read and an output of its size written when ``x`` is given."""
     touched = int(torch.unique(ids).numel())
-    return experts.nbytes * touched / experts.num_experts
+    io = 0 if x is None else 2 * x.numel() * x.element_size()
+    return experts.nbytes * touched / experts.num_experts + io
 
 
 def roofline_ms(shape: Shape, M: int, nbytes: float, scheme, bandwidth: float) -> float:
@@ -274,7 +305,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         warm_up(argv if argv is not None else sys.argv[1:], args.warm_jobs)
     dev = torch.device("cuda")
     timer = Timer(args.reps)
-    print(f"# {torch.cuda.get_device_name()} · torch {torch.__version__} · command: "
+    bandwidth = copy_bandwidth()
+    print(f"# {torch.cuda.get_device_name()} · torch {torch.__version__} · copy bandwidth "
+          f"{bandwidth / 1e12:.2f} TB/s (the floor's) · command: "
           f"python bench/moe_bench.py {' '.join(sys.argv[1:] if argv is None else argv)}", flush=True)
     print("| shape | M | scheme | fwd ms | gemms ms | host us | bf16 ms | dequant ms | vs bf16 | vs dequant "
           "| % roofline | err |", flush=True)
@@ -306,7 +339,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                 continue
             for M in args.M:
                 x, tw, ids, base = inputs[M]
-                row = measure(timer, shape, M, scheme, experts, x, tw, ids, base, dequant, args.act_input)
+                row = measure(timer, shape, M, scheme, experts, x, tw, ids, base, dequant, args.act_input, bandwidth)
                 print(_md(row), flush=True)
                 if args.json:
                     with open(args.json, "a") as f:
@@ -396,7 +429,7 @@ def _calibrate(x, w13, w2, scheme, tw, ids, shape, b13, b2):
 
 def measure(
     timer: Timer, shape: Shape, M: int, scheme, experts, x, tw, ids, base_ms: float, dequant: bool,
-    act_input: Optional[str] = None,
+    act_input: Optional[str] = None, bandwidth: Optional[float] = None,
 ) -> Dict:
     from torch_moe_quant.kernels.align import align_triton
     from torch_moe_quant.kernels.config import GemmProblem, select_config
@@ -451,15 +484,17 @@ def measure(
             deq_ms = f"n/a ({str(e).splitlines()[0][:60]})"
             torch.cuda.synchronize()
         torch.cuda.empty_cache()
-    bandwidth = hbm_bytes_per_s(torch.cuda.get_device_name())
-    floor = roofline_ms(shape, M, touched_bytes(experts, ids), experts.scheme, bandwidth)
+    if bandwidth is None:
+        bandwidth = hbm_bytes_per_s(torch.cuda.get_device_name())
+    floor = roofline_ms(shape, M, touched_bytes(experts, ids, x), experts.scheme, bandwidth)
     return dict(
         shape=shape.name, M=M, scheme=experts.scheme.name, fwd_ms=fwd_ms, gemms_ms=gemms_ms, host_us=host,
         bf16_ms=base_ms, dequant_ms=deq_ms, speedup_bf16=base_ms / fwd_ms,
         speedup_dequant=deq_ms / fwd_ms if isinstance(deq_ms, float) else None,
         roofline_pct=100 * floor / fwd_ms, err=err, bound=bound(experts.scheme), ok=err < bound(experts.scheme),
         act_input=act_input or "default",
-        device=torch.cuda.get_device_name(), hbm_bytes_per_s=bandwidth,
+        device=torch.cuda.get_device_name(), hbm_bytes_per_s=bandwidth, copy_bytes_per_s=bandwidth,
+        floor_ms=floor, suspect=100 * floor / fwd_ms > SUSPECT_PCT,
     )
 
 
@@ -509,7 +544,8 @@ def _md(r: Dict) -> str:
         f"| {r['shape']} | {r['M']} | {r['scheme']} | {_fmt(r['fwd_ms'], '.3f')} | {_fmt(r['gemms_ms'], '.3f')} "
         f"| {_fmt(r['host_us'], '.0f')} | {_fmt(r['bf16_ms'], '.3f')} | {_fmt(r['dequant_ms'], '.3f')} "
         f"| {_fmt(r['speedup_bf16'], '.2f')}x | {_fmt(r['speedup_dequant'], '.2f')}x "
-        f"| {_fmt(r['roofline_pct'], '.0f')}% | {r['err']:.1e}{'' if r['ok'] else ' FAIL'} |"
+        f"| {_fmt(r['roofline_pct'], '.0f')}%{' SUSPECT' if r.get('suspect') else ''} "
+        f"| {r['err']:.1e}{'' if r['ok'] else ' FAIL'} |"
     )
 
 
