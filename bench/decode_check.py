@@ -15,18 +15,17 @@
 
 from __future__ import annotations
 
+import importlib
 import sys
 
 import torch
 
 import torch_moe_quant as tmq
 from torch_moe_quant.activations import Activation, GateUpLayout
-from torch_moe_quant.kernels import moe_gemm as mg_mod  # noqa: F401
-import importlib
 
 mg = importlib.import_module("torch_moe_quant.kernels.moe_gemm")
 sys.path.insert(0, "bench")
-from moe_bench import SHAPES, Timer, make_batch, rel_err  # noqa: E402
+from moe_bench import SHAPES, Timer, rel_err  # noqa: E402
 
 SCHEMES = ["int4_w4a16_g128", "int4_w4a16_channel", "mxfp4_w4a16", "nvfp4_w4a16"]
 

@@ -11,22 +11,24 @@ few token rows of a decode block are the narrow N side of the instruction.
 
 Packed codes are never reshaped. A K tile is split by *nibble position*
 instead: nibble ``j`` of every int4 word (``k = 8w + j``) forms a
-``[BLOCK_N, BLOCK_K / 8]`` sub-tile whose columns are ``K`` strided by 8,
-and the activation rows are gathered with the same stride, so
-``sum_k W[n, k] a[k] = sum_j sum_w W[n, 8w + j] a[8w + j]`` is eight dots on
-decoded sub-tiles with no layout change. fp4 bytes split into their low
-(even k) and high (odd k) nibbles the same way. On CUDA the decode is PTX
-working on packed registers (``_int4_split_asm``, ``_fp4_split_asm``: a few
-``lop3`` / ``prmt`` per two values); under the interpreter the same values
-come from plain shifts and masks (``ASM=False``).
+``[BLOCK_N, BLOCK_K / 8]`` sub-tile, decoded in place, and its dot reads the
+activation columns of those ``k``. The activations come in the weight's
+packing order (``moe_gemm.KOrder``: natural column ``8w + j`` of a 128-column
+span at position ``16j + w``), so each sub-tile's columns are contiguous and
+their loads pipeline like any dot operand: ``sum_k W[n, k] a[k] = sum_j sum_w
+W[n, 8w + j] a[8w + j]`` is eight dots with no layout change. fp4 bytes split
+into their low (even k) and high (odd k) nibbles the same way, per 32-column
+chunk (``KOrder(2)``). On CUDA the decode is PTX working on packed registers
+(``_int4_split_asm``, ``_fp4_split_asm``: a few ``lop3`` / ``prmt`` per two
+values); under the interpreter the same values come from plain shifts and
+masks (``ASM=False``).
 
-Scales: int4 and 8-bit weights with a scale per column or per K tile
-(groups that are multiples of ``BLOCK_K``) scale the fp32 partial product of
-the tile; MX (e8m0, groups of 32 = one 16-byte chunk) scale the fp32 partial
-product of each chunk; nvfp4 (e4m3, groups of 16) multiply the decoded bf16
-sub-tile by its block scale (exact: e2m1 x e4m3 has at most 6 significant
-bits) and divide by the global scale in the epilogue. All exact, as the
-reference.
+Scales: int4 with a scale per column or per K tile (groups that are
+multiples of ``BLOCK_K``) scales the fp32 partial product of the tile; MX
+(e8m0, groups of 32 = one 16-byte chunk) scales the fp32 partial product of
+each chunk; nvfp4 (e4m3, groups of 16) multiplies the decoded bf16 sub-tile
+by its block scale (exact: e2m1 x e4m3 has at most 6 significant bits) and
+divides by the global scale in the epilogue. All exact, as the reference.
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ import triton
 import triton.language as tl
 
 from ._gemm_kernel import (
-    _EL_FP4, _EL_FP8, _EL_INT4, _SC_E4M3, _SM_PER_COLUMN, _SM_PER_K_TILE, _decode_scale, _e4m3_to_f32,
+    _EL_FP4, _EL_INT4, _SC_E4M3, _SM_PER_COLUMN, _SM_PER_K_TILE, _decode_scale, _e4m3_to_f32,
     epilogue_store, tile_cols, tile_rows,
 )
 
@@ -205,7 +207,7 @@ def moe_decode_kernel(
 
     for k0 in range(0, K, BLOCK_K):
         if ELEMENT == _EL_INT4:
-            # one [BLOCK_N, BLOCK_K / 8] load of words; sub-tile j = nibble j = columns k0 + 8w + j
+            # one [BLOCK_N, BLOCK_K / 8] load of words; sub-tile j = nibble j = natural columns k0 + 8w + j
             SUB: tl.constexpr = BLOCK_K // 8
             offs_w = k0 // 8 + tl.arange(0, SUB)
             words = tl.load(w_rows + offs_w[None, :] * stride_wk, mask=n_ok[:, None] & (offs_w < K // 8)[None, :], other=0)
@@ -222,7 +224,7 @@ def moe_decode_kernel(
                 w6 = _int4_sub_tile(words, 6, COMPUTE)
                 w7 = _int4_sub_tile(words, 7, COMPUTE)
             part = tl.dot(w0, _gather_a_t(a_ptrs_t, kk + 0 * SUB, K, row_ok, stride_ak).to(COMPUTE))
-            part = tl.dot(w1, _gather_a_t(a_ptrs_t, kk + 16, K, row_ok, stride_ak).to(COMPUTE), part)
+            part = tl.dot(w1, _gather_a_t(a_ptrs_t, kk + 1 * SUB, K, row_ok, stride_ak).to(COMPUTE), part)
             part = tl.dot(w2, _gather_a_t(a_ptrs_t, kk + 2 * SUB, K, row_ok, stride_ak).to(COMPUTE), part)
             part = tl.dot(w3, _gather_a_t(a_ptrs_t, kk + 3 * SUB, K, row_ok, stride_ak).to(COMPUTE), part)
             part = tl.dot(w4, _gather_a_t(a_ptrs_t, kk + 4 * SUB, K, row_ok, stride_ak).to(COMPUTE), part)
@@ -261,20 +263,6 @@ def moe_decode_kernel(
                     g = (k0 + c * 32) // 32
                     s = _decode_scale(tl.load(s_rows + g * stride_sk, mask=n_ok, other=0), SCALE_CODEC, FP8_NATIVE)
                     acc += part * s[:, None]
-        else:
-            # 8-bit codes (int8, e4m3) or float weights: plain [BLOCK_N, BLOCK_K] tile
-            offs_k = k0 + tl.arange(0, BLOCK_K)
-            raw = tl.load(w_rows + offs_k[None, :] * stride_wk, mask=n_ok[:, None] & (offs_k < K)[None, :], other=0)
-            if ELEMENT == _EL_FP8:
-                w = raw.to(tl.float8e4nv, bitcast=True).to(COMPUTE)
-            else:
-                w = raw.to(COMPUTE)
-            part = tl.dot(w, _gather_a_t(a_ptrs_t, offs_k, K, row_ok, stride_ak).to(COMPUTE))
-            if SCALE_MODE == _SM_PER_K_TILE:
-                s = _decode_scale(tl.load(s_rows + (k0 // SCALE_BLOCK_K) * stride_sk, mask=n_ok, other=0), SCALE_CODEC, FP8_NATIVE)
-                acc += part * s[:, None]
-            else:
-                acc += part
 
     if SCALE_MODE == _SM_PER_COLUMN:
         col_scale = _decode_scale(tl.load(s_rows, mask=n_ok, other=0), SCALE_CODEC, FP8_NATIVE)

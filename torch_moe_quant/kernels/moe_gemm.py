@@ -174,6 +174,8 @@ DECODE_MAX_BLOCK_M = 32
 #: Weight rows per program of the decode kernel (None: ``_decode_block_n``'s choice per format).
 DECODE_BLOCK_N: Optional[int] = None
 _DECODE_BLOCK_K = {ElementCodec.INT4: 128, ElementCodec.FP4_E2M1: 64}
+#: the input order each packed element is read in (``KOrder``)
+_DECODE_ORDER = {ElementCodec.INT4: KOrder(8), ElementCodec.FP4_E2M1: KOrder(2)}
 DECODE_STAGES = 4
 DECODE_WARPS = 4
 
@@ -201,8 +203,6 @@ def decode_blocker(
         return f"compute dtype {compute_dtype}"
     return None
 
-
-_DECODE_ORDER = {ElementCodec.INT4: KOrder(8), ElementCodec.FP4_E2M1: KOrder(2)}
 
 
 def decode_order(
