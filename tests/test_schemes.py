@@ -1,6 +1,7 @@
 """The scheme registry and every scheme's accuracy floor against bf16."""
 
 import math
+from pathlib import Path
 
 import torch
 
@@ -33,6 +34,15 @@ def test_registry_lists_every_scheme():
         assert s.name == name and tmq.get_scheme(name) is s
     with pytest.raises(TypeError):
         tmq.SCHEMES["x"] = None  # read-only
+
+
+def test_registry_equals_its_snapshot():
+    """Every scheme's name, family and specs, in registry order, equal the
+    snapshot in ``tests/goldens/schemes.txt`` (one ``repr`` a line, taken
+    from the registry of commit 6331550). A deliberate registry change edits
+    that file in the same commit."""
+    golden = Path(__file__).parent / "goldens" / "schemes.txt"
+    assert [repr(s) for s in tmq.SCHEMES.values()] == golden.read_text().splitlines()
 
 
 def test_scheme_is_frozen_and_hashable():
