@@ -180,8 +180,9 @@ _add("int8_w8a16", "int8_w8a16_channel", _int8(_R))
 
 # int4 weight-only (canonical storage: compressed-tensors pack-quantized)
 _int4 = lambda g, **kw: WeightSpec(Format.INT4, g, **kw)  # noqa: E731
-for _gs in (32, 64, 128):
-    _add("int4_w4a16", f"int4_w4a16_g{_gs}", _int4(_G(_gs)))
+_add("int4_w4a16", "int4_w4a16_g32", _int4(_G(32)))
+_add("int4_w4a16", "int4_w4a16_g64", _int4(_G(64)))
+_add("int4_w4a16", "int4_w4a16_g128", _int4(_G(128)))
 _add("int4_w4a16", "int4_w4a16_channel", _int4(_R))
 _add("int4_w4a16", "int4_w4a16_g128_zp", _int4(_G(128), zero_point=ZeroPoint.ASYMMETRIC))
 _add(
@@ -226,11 +227,12 @@ _add("mxfp4", "mxfp4_w4a8_fp8", _mxfp4_even, _FP8_STATIC)
 _add("mxfp4", "mxfp4_w4a8_mxfp8", _mxfp4_even, _mx_act(Format.MXFP8))
 
 # mxfp6
-for _f in (Format.MXFP6_E2M3, Format.MXFP6_E3M2):
-    _w = WeightSpec(_f, _MX, rounding=_EVEN)
-    _tag = _f.value.split("_")[1]
-    _add("mxfp6", f"mxfp6_{_tag}_w6a6", _w, _mx_act(_f))
-    _add("mxfp6", f"mxfp6_{_tag}_w6a8_fp8", _w, _FP8_STATIC)
+_mxfp6_e2m3 = WeightSpec(Format.MXFP6_E2M3, _MX, rounding=_EVEN)
+_mxfp6_e3m2 = WeightSpec(Format.MXFP6_E3M2, _MX, rounding=_EVEN)
+_add("mxfp6", "mxfp6_e2m3_w6a6", _mxfp6_e2m3, _mx_act(Format.MXFP6_E2M3))
+_add("mxfp6", "mxfp6_e2m3_w6a8_fp8", _mxfp6_e2m3, _FP8_STATIC)
+_add("mxfp6", "mxfp6_e3m2_w6a6", _mxfp6_e3m2, _mx_act(Format.MXFP6_E3M2))
+_add("mxfp6", "mxfp6_e3m2_w6a8_fp8", _mxfp6_e3m2, _FP8_STATIC)
 
 _REGISTRY: Dict[str, Scheme] = {s.name: s for s in _ENTRIES}
 assert len(_REGISTRY) == len(_ENTRIES), "duplicate scheme name"
@@ -250,3 +252,54 @@ def get_scheme(scheme) -> Scheme:
         f"({len(_REGISTRY)} names, e.g. 'fp8_w8a8_channel_token', 'mxfp4_w4a16'), "
         f"got {scheme!r}"
     )
+
+
+def _rounding_matches(wanted: Optional[ScaleRounding], have: Optional[ScaleRounding]) -> bool:
+    return wanted is None or wanted is have
+
+
+def _weight_matches(wanted: WeightSpec, have: WeightSpec) -> bool:
+    if wanted.fmt is None or have.fmt is None:
+        return wanted.fmt is have.fmt and wanted.float_dtype == have.float_dtype
+    return (
+        wanted.fmt is have.fmt
+        and wanted.granularity == have.granularity
+        and wanted.zero_point is have.zero_point
+        and wanted.act_order is have.act_order
+        and (wanted.packing is None or wanted.packing is have.packing)
+        and _rounding_matches(wanted.rounding, have.rounding)
+    )
+
+
+def _activation_matches(wanted: Optional[ActivationSpec], have: Optional[ActivationSpec]) -> bool:
+    if wanted is None or have is None:
+        return wanted is None and have is None
+    return (
+        wanted.fmt is have.fmt
+        and wanted.granularity == have.granularity
+        and wanted.mode is have.mode
+        and _rounding_matches(wanted.rounding, have.rounding)
+    )
+
+
+def find(weight: WeightSpec, activation: Optional[ActivationSpec] = None) -> Optional[Scheme]:
+    """The registered scheme that stores ``weight`` and quantizes activations
+    as ``activation`` (``None``: weight-only), or ``None`` when no scheme does.
+
+    The one place a scheme is chosen from formats (loaders, lowerings).
+    Compared: the weight's format and, when unquantized, its ``float_dtype``;
+    else its granularity, zero point and act-order; the activation's format,
+    granularity and mode. ``rounding`` (weight or activation) and the weight's
+    ``packing`` are compared only when given: a checkpoint's int4 packing is
+    converted when it is loaded, so among schemes that differ only in that
+    label the one without it wins (zero-point int4 g128 ->
+    ``int4_w4a16_g128_zp``, not the GPTQ or AWQ one). Passing a scheme's own
+    ``weight`` and ``activation`` returns that scheme (tested for all).
+    """
+    found = [
+        s
+        for s in _ENTRIES
+        if _weight_matches(weight, s.weight) and _activation_matches(activation, s.activation)
+    ]
+    found.sort(key=lambda s: s.weight.packing is not None)
+    return found[0] if found else None
