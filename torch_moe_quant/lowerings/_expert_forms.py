@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from ..activations import SWIGLU_LIMIT, SWIGLUOAI_ALPHA, Activation, GateUpLayout
+from ..formats.core import Format
 
 # ---------------------------------------------------------------- activations
 # ``view()`` returns the first GEMM's output [S, 2I] each time the activation
@@ -188,16 +189,16 @@ class WeightForm:
     consts: Tuple[str, ...]
     decode: Callable
     #: format of the codes (None: a float weight)
-    fmt: Optional[str] = None
+    fmt: Optional[Format] = None
 
     def examples(self, shape, dtype) -> dict:
         """Example tensors (by suffix) for a weight of logical shape ``shape``."""
         E, N, K = shape
         if self.fmt is None:
             return {"": torch.empty(shape, dtype=dtype)}
-        if self.fmt == "fp8_e4m3":
+        if self.fmt is Format.FP8_E4M3:
             out = {"": torch.empty(shape, dtype=torch.float8_e4m3fn), "_scale": torch.empty(E, N, 1)}
-        elif self.fmt == "int4":
+        elif self.fmt is Format.INT4:
             out = {
                 "": torch.empty(E, N, K // 8, dtype=torch.int32),
                 "_scale": torch.empty(E, N, K // 32, dtype=dtype),
@@ -217,12 +218,12 @@ WEIGHT_FORMS = {
     f.name: f
     for f in (
         WeightForm("float", ("",), (), _float_decode),
-        WeightForm("fp8", ("", "_scale"), (), _fp8_channel_decode, "fp8_e4m3"),
-        WeightForm("fp8_formats", ("", "_scale"), (), _fp8_channel_formats_decode, "fp8_e4m3"),
-        WeightForm("int4", ("", "_scale"), (), _int4_decode, "int4"),
-        WeightForm("int4_formats", ("", "_scale"), (), _int4_formats_decode, "int4"),
-        WeightForm("mxfp4", ("", "_scale"), ("_lut",), _mxfp4_decode, "mxfp4"),
-        WeightForm("mxfp4_formats", ("", "_scale"), ("_lut", "_nan", "_ones"), _mxfp4_formats_decode, "mxfp4"),
+        WeightForm("fp8", ("", "_scale"), (), _fp8_channel_decode, Format.FP8_E4M3),
+        WeightForm("fp8_formats", ("", "_scale"), (), _fp8_channel_formats_decode, Format.FP8_E4M3),
+        WeightForm("int4", ("", "_scale"), (), _int4_decode, Format.INT4),
+        WeightForm("int4_formats", ("", "_scale"), (), _int4_formats_decode, Format.INT4),
+        WeightForm("mxfp4", ("", "_scale"), ("_lut",), _mxfp4_decode, Format.MXFP4),
+        WeightForm("mxfp4_formats", ("", "_scale"), ("_lut", "_nan", "_ones"), _mxfp4_formats_decode, Format.MXFP4),
     )
 }
 

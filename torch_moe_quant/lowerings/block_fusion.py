@@ -19,13 +19,15 @@ scaled after routing) leaves the graph as it is. Every fusion bumps
 
 from __future__ import annotations
 
+import functools
 import operator
-from typing import List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 from torch._dynamo.utils import counters
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
+from ..schemes import SCHEMES, Scheme
 from ._matching import COUNTER, meta_val
 
 NAME = "route_experts"
@@ -40,18 +42,19 @@ def _route_op():
     return torch.ops.moe_quant.route.default
 
 
-def _experts_scheme(node: torch.fx.Node) -> Optional[str]:
-    """The scheme of an ``experts_<scheme>`` call (not its backward), else None."""
-    from ..ops.experts import SIGNATURES
+@functools.lru_cache(maxsize=None)
+def _experts_ops() -> Dict[torch._ops.OpOverload, Scheme]:
+    """Every scheme's ``experts_<scheme>`` forward overload -> that scheme."""
+    from ..ops.experts import op_for
 
-    if node.op != "call_function" or not isinstance(node.target, torch._ops.OpOverload):
+    return {op_for(scheme): scheme for scheme in SCHEMES.values()}
+
+
+def _experts_scheme(node: torch.fx.Node) -> Optional[Scheme]:
+    """The scheme of an ``experts_<scheme>`` call (not its backward), else None."""
+    if node.op != "call_function":
         return None
-    name = node.target._schema.name
-    prefix = "moe_quant::experts_"
-    if not name.startswith(prefix):
-        return None
-    scheme = name[len(prefix):]
-    return scheme if scheme in SIGNATURES else None
+    return _experts_ops().get(node.target)
 
 
 def _arguments(node: torch.fx.Node) -> List[object]:
@@ -92,7 +95,7 @@ def _trace_back(node, cast_ok) -> Optional[Tuple[List[torch.fx.Node], List[torch
     return None
 
 
-def _fuse_one(graph: torch.fx.Graph, experts: torch.fx.Node, scheme: str) -> bool:
+def _fuse_one(graph: torch.fx.Graph, experts: torch.fx.Node, scheme: Scheme) -> bool:
     from ..ops.block import block_op_for
 
     args = _arguments(experts)
@@ -117,7 +120,7 @@ def _fuse_one(graph: torch.fx.Graph, experts: torch.fx.Node, scheme: str) -> boo
     route_args = _arguments(route)
     with graph.inserting_before(experts):
         fused = graph.call_function(
-            block_op_for(scheme),
+            block_op_for(scheme.name),
             (args[0], *route_args, routing_dtype, *args[3:]),
         )
     # only the output value: ``eager_input_vals`` describe the experts call's arguments

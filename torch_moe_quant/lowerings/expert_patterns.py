@@ -193,6 +193,9 @@ import torch
 from torch._inductor.pattern_matcher import Match, register_replacement
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
+from .. import schemes
+from ..formats.core import Format, PerGroup, PerRow
+from ..schemes import ActivationSpec, Scheme, WeightSpec
 from . import _expert_forms as forms
 from ._matching import _counted, fwd_only_as_post_grad, meta_val, name_kwargs
 
@@ -200,6 +203,8 @@ aten = torch.ops.aten
 
 _FLOAT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 _FP32_EPS = torch.finfo(torch.float32).eps
+#: what the ``fp8_qdq`` forms do to both GEMM inputs: dynamic per-row fp8
+_FP8_TOKEN = ActivationSpec(Format.FP8_E4M3, PerRow())
 
 # Example sizes for the first trace (ints are ignored by the first match and
 # pinned by the retrace, so only the structure matters): all distinct, no
@@ -367,22 +372,27 @@ class ExpertRewrite:
             qdq = lambda t, eps: t  # noqa: E731
         return self.dispatch.body(a, *decoded, self.act, qdq)
 
-    def scheme(self, a) -> Optional[str]:
-        """The scheme whose op computes this match (from shapes and dtypes)."""
+    def _weight_specs(self, a) -> List[WeightSpec]:
+        """What the matched weights are, most specific first (from shapes and dtypes)."""
         fmt = self.weights.fmt
         if fmt is None:
-            return {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}.get(a["w13"].dtype)
-        if fmt == "fp8_e4m3":
-            return "fp8_w8a8_channel_token" if self.qdq else "fp8_w8a16_channel"
-        if fmt == "mxfp4":
-            return "mxfp4_w4a16"
-        # int4: the group size from the scale, the same for both weights
-        groups = [a[w].shape[-1] * 8 // a[w + "_scale"].shape[-1] for w in ("w13", "w2")]
-        if groups[0] == groups[1] and groups[0] in (32, 64, 128):
-            return f"int4_w4a16_g{groups[0]}"
+            return [WeightSpec(None, float_dtype=a["w13"].dtype)]
+        if fmt is Format.FP8_E4M3:
+            return [WeightSpec(fmt, PerRow())]
+        if fmt is Format.MXFP4:
+            return [WeightSpec(fmt, PerGroup(32))]
+        # int4: the group size from the scale, the same for both weights; one scale column: per row
+        g13, g2 = (a[w].shape[-1] * 8 // a[w + "_scale"].shape[-1] for w in ("w13", "w2"))
+        specs = [WeightSpec(fmt, PerGroup(g13))] if g13 == g2 and g13 > 0 else []
         if all(a[w + "_scale"].shape[-1] == 1 for w in ("w13", "w2")):
-            return "int4_w4a16_channel"
-        return None
+            specs.append(WeightSpec(fmt, PerRow()))
+        return specs
+
+    def scheme(self, a) -> Optional[Scheme]:
+        """The scheme whose op computes this match (``schemes.find``), or None."""
+        activation = _FP8_TOKEN if self.qdq else None
+        found = (schemes.find(w, activation) for w in self._weight_specs(a))
+        return next((s for s in found if s is not None), None)
 
     def replace(self, *args):
         a = self._args(args)
@@ -397,7 +407,7 @@ class ExpertRewrite:
             else:
                 tensors += [a[w + f] for f in self.weights.fields]
         biases = (a["w13_bias"], a["w2_bias"]) if self.dispatch.bias else (None, None)
-        op = getattr(torch.ops.moe_quant, f"experts_{self.scheme(a)}").default
+        op = getattr(torch.ops.moe_quant, f"experts_{self.scheme(a).name}").default
         out = op(x, tw, ids, *tensors, *biases, None, self.act.activation.value, self.act.layout.value, False)
         return out.to(torch.promote_types(x.dtype, tw.dtype) if self.dispatch.promotes else x.dtype)
 

@@ -22,7 +22,8 @@ from typing import Iterable, List, Mapping, Optional, Sequence, Tuple
 import torch
 
 from ...formats.core import Format, Granularity, PerBlock, PerRow, PerTensor, QuantizedTensor
-from ...schemes import SCHEMES, ActivationSpec, ActOrder, Scheme, ZeroPoint
+from ... import schemes
+from ...schemes import ActivationSpec, ActOrder, Scheme, WeightSpec, ZeroPoint
 from ._safetensors import CheckpointReader
 
 
@@ -281,38 +282,20 @@ def find_scheme(
     describe: str,
     reader: CheckpointReader,
 ) -> Scheme:
-    """The registered scheme with these weights and activations (the
-    activation's rounding is compared when given). Among int4 schemes that
-    differ only in their checkpoint packing label the plain one wins."""
-
-    def act_matches(a: Optional[ActivationSpec]) -> bool:
-        if activation is None or a is None:
-            return activation is None and a is None
-        return (
-            a.fmt is activation.fmt
-            and a.granularity == activation.granularity
-            and a.mode is activation.mode
-            and (activation.rounding is None or a.rounding is activation.rounding)
-        )
-
-    found = [
-        s
-        for s in SCHEMES.values()
-        if s.weight.fmt is weight_fmt
-        and s.weight.granularity == granularity
-        and s.weight.zero_point is zero_point
-        and s.weight.act_order is act_order
-        and act_matches(s.activation)
-    ]
-    if not found:
+    """The registered scheme with these weights and activations
+    (``schemes.find``: the activation's rounding is compared when given; among
+    int4 schemes that differ only in their checkpoint packing label the plain
+    one wins), or ``reader.error`` naming the configuration."""
+    weight = WeightSpec(weight_fmt, granularity, zero_point=zero_point, act_order=act_order)
+    found = schemes.find(weight, activation)
+    if found is None:
         act = "none (weight-only)" if activation is None else str(activation)
         raise reader.error(
             f"no registered scheme for {describe}: weights {weight_fmt.value} {granularity}"
             f"{', zero points' if zero_point is ZeroPoint.ASYMMETRIC else ''}"
             f"{', act-order' if act_order is ActOrder.GROUP else ''}; activations {act}"
         )
-    found.sort(key=lambda s: s.weight.packing is not None)
-    return found[0]
+    return found
 
 
 __all__ = [
