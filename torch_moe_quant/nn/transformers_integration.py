@@ -34,9 +34,11 @@ from typing import Optional, Tuple
 import torch
 from torch import nn
 
+from .. import schemes
 from ..activations import Activation
 from ..experts import QuantizedExperts, quantize_experts
 from ..moe import fused_moe
+from ..schemes import Scheme, WeightSpec
 from .modules import QuantizedExpertsModule
 from .quantize import fused_flags, read_fused, resolve_activation
 
@@ -53,8 +55,9 @@ class _Cached:
     activation: Activation
 
 
-def _float_scheme(dtype: torch.dtype) -> str:
-    return {torch.float16: "fp16", torch.float32: "fp32"}.get(dtype, "bf16")
+def _float_scheme(dtype: torch.dtype) -> Scheme:
+    """The unquantized scheme of ``dtype`` weights (bf16 for other dtypes)."""
+    return schemes.find(WeightSpec(None, float_dtype=dtype)) or schemes.get_scheme("bf16")
 
 
 def _key(module: nn.Module) -> Tuple:
