@@ -23,7 +23,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .act_quant import ActElement, ActScale
+from ._enums import ActElement, ActScale
 
 _EL_FP8 = tl.constexpr(ActElement.FP8_E4M3.value)
 _EL_INT8 = tl.constexpr(ActElement.INT8.value)

@@ -22,8 +22,8 @@ function is one ``tl.maximum``, which is also what keeps the interpreter
 (whose ``tl.reduce`` calls the combine once per element) fast enough for CPU
 tests.
 
-Scores (``SCORE``, a ``route.Score``) are computed in fp32 from logits loaded
-in their own dtype; the weight formula (``WEIGHT``, a ``route.Weight``) runs
+Scores (``SCORE``, a ``RouteScore``) are computed in fp32 from logits loaded
+in their own dtype; the weight formula (``WEIGHT``, a ``RouteWeight``) runs
 on the k selected values; weights are multiplied by ``scale`` (exact for 1.0).
 """
 
@@ -32,15 +32,15 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .route import IDX_LIMIT, Score, Weight
+from ._enums import IDX_LIMIT, RouteScore, RouteWeight
 
-_SOFTMAX: tl.constexpr = tl.constexpr(int(Score.SOFTMAX))
-_SIGMOID: tl.constexpr = tl.constexpr(int(Score.SIGMOID))
+_SOFTMAX: tl.constexpr = tl.constexpr(int(RouteScore.SOFTMAX))
+_SIGMOID: tl.constexpr = tl.constexpr(int(RouteScore.SIGMOID))
 
-_W_RENORMALIZED: tl.constexpr = tl.constexpr(int(Weight.RENORMALIZED))
-_W_SOFTMAX: tl.constexpr = tl.constexpr(int(Weight.SOFTMAX))
-_W_SIGMOID: tl.constexpr = tl.constexpr(int(Weight.SIGMOID))
-_W_UNBIASED_RENORMALIZED: tl.constexpr = tl.constexpr(int(Weight.UNBIASED_RENORMALIZED))
+_W_RENORMALIZED: tl.constexpr = tl.constexpr(int(RouteWeight.RENORMALIZED))
+_W_SOFTMAX: tl.constexpr = tl.constexpr(int(RouteWeight.SOFTMAX))
+_W_SIGMOID: tl.constexpr = tl.constexpr(int(RouteWeight.SIGMOID))
+_W_UNBIASED_RENORMALIZED: tl.constexpr = tl.constexpr(int(RouteWeight.UNBIASED_RENORMALIZED))
 
 _IDX_LIMIT: tl.constexpr = tl.constexpr(IDX_LIMIT)
 #: below every real key (the key of -inf is -0x7F800001 << 32)
@@ -146,7 +146,7 @@ def route_kernel(
         if bias_ptr is not None:
             bias = tl.load(bias_ptr + expert, mask=(g3 < num_groups) & (p3 < per_group), other=0.0)
             score = score + bias.to(tl.float32)
-    else:  # Score.LOGIT
+    else:  # RouteScore.LOGIT
         score = x
     key = _order_key(score, expert, valid)
     if G_PAD > 1:
@@ -179,7 +179,7 @@ def route_kernel(
         x_sel = tl.load(logits_ptr + row_off[:, None] + sel_ids, mask=out_ok, other=0.0)
         s = _sigmoid(x_sel.to(tl.float32))
         w = s / (tl.reduce(tl.where(slot_ok, s, 0.0), 1, _add)[:, None] + 1e-20)
-    else:  # Weight.SCORE
+    else:  # RouteWeight.SCORE
         w = sel
     w = w * scale
     out = rows[:, None].to(tl.int64) * TOP_K + slots

@@ -39,30 +39,8 @@ from .. import formats
 from ..formats.core import Format, PerGroup, PerRow, PerTensor, ScaleRounding, check_tensor
 from ..schemes import ActivationSpec
 from ..schemes import ActQuant as QuantMode
+from ._enums import ActElement, ActScale
 from ._operand import FLOAT_DTYPES
-
-
-class ActElement(enum.IntEnum):
-    """Element of the quantized activation (kernel constexpr ``A_ELEM``)."""
-
-    FP8_E4M3 = 1
-    INT8 = 2
-    FP4_E2M1 = 3
-    FP6_E2M3 = 4
-    FP6_E3M2 = 5
-
-
-class ActScale(enum.IntEnum):
-    """How the activation scale is found (kernel constexpr ``A_SCALE``)."""
-
-    NONE = 0  # no activation quantization
-    STATIC_TENSOR = 1  # one calibrated fp32 scale: x / scale
-    DYNAMIC_ROW = 2  # fp32 amax / qmax per row (whole K); the GEMM reads codes + row scales
-    DYNAMIC_GROUP = 3  # fp32 amax / qmax per group along K
-    MX_FLOOR = 4  # e8m0 shared exponent per 32, OCP floor rule
-    MX_EVEN = 5  # e8m0 shared exponent per 32, AMD Quark "even" rule
-    NVFP4 = 6  # e4m3 block scale per 16 x static fp32 global scale
-    GROUP_CODES = 7  # DYNAMIC_GROUP already applied by quantize_rows: the GEMM reads codes + [rows, K/g] scales
 
 
 class ActPlacement(enum.Enum):

@@ -9,10 +9,11 @@ the NaN checks read values (one host sync) only when values can be read
 graph), exactly like the reference.
 
 Each program of ``_route_kernel.route_kernel`` takes a block of tokens and
-all experts; a method is a pair (``Score``: what is ranked, ``Weight``: what
-the k selected experts weigh), see ``PLANS``. Scores are computed in fp32
-from fp32 / bf16 / fp16 logits; fp64 (and other float) logits, and more than
-``MAX_EXPERTS`` experts, run the reference instead.
+all experts; a method is a pair (``RouteScore``: what is ranked,
+``RouteWeight``: what the k selected experts weigh; both in ``_enums``), see
+``PLANS``. Scores are computed in fp32 from fp32 / bf16 / fp16 logits; fp64
+(and other float) logits, and more than ``MAX_EXPERTS`` experts, run the
+reference instead.
 
 Ids equal the reference's exactly whenever the kernel's fp32 scores order the
 experts like torch's: always for ``topk`` / ``topk_softmax`` / ``llama4``
@@ -25,17 +26,15 @@ so forced ties are exact).
 from __future__ import annotations
 
 import dataclasses
-import enum
 from typing import Optional, Tuple, Union
 
 import torch
 
 from ..routing import RoutingMethod, _as_method, _check_route_args, check_correction_bias, deepseek_groups, route
+from ._enums import RouteScore, RouteWeight
 
 #: most experts the kernel holds in registers (larger E runs the reference)
 MAX_EXPERTS = 4096
-#: experts are encoded as ``IDX_LIMIT - index`` in the low word of the order key
-IDX_LIMIT = 0xFFFF
 #: dtypes the kernel loads (upcast to fp32 in registers)
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 #: tile elements per program (tokens x padded experts)
@@ -45,33 +44,15 @@ _MAX_BLOCK_M = 32
 _TARGET_PROGRAMS = 128
 
 
-class Score(enum.IntEnum):
-    """What the kernel ranks (computed in fp32)."""
-
-    LOGIT = 0
-    SOFTMAX = 1  # over all experts
-    SIGMOID = 2  # plus the correction bias when given (DeepSeek-V3)
-
-
-class Weight(enum.IntEnum):
-    """The weight of a selected expert, from its selected score ``v``."""
-
-    SCORE = 0  # v
-    RENORMALIZED = 1  # v / sum(v)
-    SOFTMAX = 2  # softmax over the k selected v
-    SIGMOID = 3  # sigmoid(v)
-    UNBIASED_RENORMALIZED = 4  # s = sigmoid(logit), s / (sum(s) + 1e-20)
-
-
 #: each routing method as (what is ranked, how the selected are weighted)
 PLANS = {
-    RoutingMethod.SOFTMAX_TOPK: (Score.SOFTMAX, Weight.SCORE),
-    RoutingMethod.TOPK_SOFTMAX: (Score.LOGIT, Weight.SOFTMAX),
-    RoutingMethod.SOFTMAX_TOPK_RENORMALIZE: (Score.SOFTMAX, Weight.RENORMALIZED),
-    RoutingMethod.SIGMOID_TOPK: (Score.SIGMOID, Weight.SCORE),
-    RoutingMethod.DEEPSEEK_V3: (Score.SIGMOID, Weight.UNBIASED_RENORMALIZED),
-    RoutingMethod.LLAMA4: (Score.LOGIT, Weight.SIGMOID),
-    RoutingMethod.TOPK: (Score.LOGIT, Weight.SCORE),
+    RoutingMethod.SOFTMAX_TOPK: (RouteScore.SOFTMAX, RouteWeight.SCORE),
+    RoutingMethod.TOPK_SOFTMAX: (RouteScore.LOGIT, RouteWeight.SOFTMAX),
+    RoutingMethod.SOFTMAX_TOPK_RENORMALIZE: (RouteScore.SOFTMAX, RouteWeight.RENORMALIZED),
+    RoutingMethod.SIGMOID_TOPK: (RouteScore.SIGMOID, RouteWeight.SCORE),
+    RoutingMethod.DEEPSEEK_V3: (RouteScore.SIGMOID, RouteWeight.UNBIASED_RENORMALIZED),
+    RoutingMethod.LLAMA4: (RouteScore.LOGIT, RouteWeight.SIGMOID),
+    RoutingMethod.TOPK: (RouteScore.LOGIT, RouteWeight.SCORE),
 }
 
 
@@ -228,14 +209,11 @@ def route_unchecked(
 
 
 __all__ = [
-    "IDX_LIMIT",
     "KERNEL_DTYPES",
     "MAX_EXPERTS",
     "PLANS",
     "RouteArgs",
     "RouteTiles",
-    "Score",
-    "Weight",
     "check_route",
     "kernel_is_interpreted",
     "kernel_runs",
