@@ -18,7 +18,7 @@ from typing import Optional
 import torch
 
 from ..fake_impls.shapes import align_shapes, route_shapes
-from ..formats.core import check_tensor, value_ranges, values_available
+from ..kernels.align import align_sorted, check_align
 from ..routing import RoutingMethod, _as_method, _check_route_args, route, route_vjp
 
 ROUTE_SCHEMA = (
@@ -113,30 +113,6 @@ ALIGN_SCHEMA = (
 )
 
 
-def check_align(topk_ids, num_experts, block_size, expert_map):
-    check_tensor("topk_ids", topk_ids, dtype=(torch.int32, torch.int64))
-    if topk_ids.dim() != 2:
-        raise ValueError(f"topk_ids must be 2-D [num_tokens, top_k], got {tuple(topk_ids.shape)}")
-    if num_experts < 1:
-        raise ValueError(f"num_experts must be >= 1, got {num_experts}")
-    if block_size < 1:
-        raise ValueError(f"block_size must be >= 1, got {block_size}")
-    if expert_map is not None:
-        check_tensor("expert_map", expert_map, dtype=(torch.int32, torch.int64))
-        if expert_map.dim() != 1:
-            raise ValueError(f"expert_map must be 1-D, got {tuple(expert_map.shape)}")
-    if values_available(topk_ids, expert_map) and topk_ids.numel():
-        bound = num_experts if expert_map is None else expert_map.shape[0]
-        has_map = expert_map is not None and expert_map.numel() > 0
-        (lo, hi), *map_range = value_ranges(topk_ids, *([expert_map] if has_map else []))
-        if lo < 0 or hi >= bound:
-            raise ValueError(f"topk_ids must be in [0, {bound}), found ids in [{lo}, {hi}]")
-        if map_range and (map_range[0][0] < -1 or map_range[0][1] >= num_experts):
-            raise ValueError(
-                f"expert_map values must be -1 or a local expert in [0, {num_experts})"
-            )
-
-
 def align_reference(
     topk_ids: torch.Tensor, num_experts: int, block_size: int, expert_map: Optional[torch.Tensor] = None
 ):
@@ -160,51 +136,6 @@ def align_reference(
         block_ids[pos // block_size : pos // block_size + blocks] = e
         pos += blocks * block_size
     return sorted_ids, block_ids, torch.tensor([pos], dtype=torch.int32, device=topk_ids.device)
-
-
-def align_sorted(
-    topk_ids: torch.Tensor,
-    num_experts: int,
-    block_size: int,
-    expert_map: Optional[torch.Tensor] = None,
-    *,
-    checked: bool = False,
-):
-    """``align`` with whole-tensor ops only (no per-expert loop; the only host
-    sync is eager mode's id-range check): a stable sort by local expert, each
-    expert's run shifted to its block-padded start. Same outputs as
-    ``align_reference`` (tested). ``checked=True``: the caller already ran
-    ``check_align``."""
-    if not checked:
-        check_align(topk_ids, num_experts, block_size, expert_map)
-    shapes = align_shapes(topk_ids.numel(), num_experts, block_size)
-    dev = topk_ids.device
-    pairs = topk_ids.numel()
-    local = topk_ids.reshape(-1).long()
-    if expert_map is not None:
-        local = expert_map.long()[local]
-    key = torch.where(local < 0, num_experts, local)  # absent experts sort last
-    order = torch.sort(key, stable=True).indices
-    # scatter_add, not bincount: CUDA bincount syncs to size its output (not capturable)
-    counts = torch.zeros(num_experts + 1, dtype=torch.long, device=dev)
-    counts = counts.scatter_add_(0, key, torch.ones_like(key))[:num_experts]
-    padded = (counts + block_size - 1) // block_size * block_size
-    padded_start = torch.cumsum(padded, 0) - padded
-    start = torch.cumsum(counts, 0) - counts
-    sorted_key = key[order]
-    valid = sorted_key < num_experts
-    e = sorted_key.clamp(max=num_experts - 1)
-    rank = torch.arange(pairs, device=dev) - start[e]
-    dest = torch.where(valid, padded_start[e] + rank, shapes["sorted_ids"][0][0])
-    sorted_ids = torch.full((shapes["sorted_ids"][0][0] + 1,), pairs, dtype=torch.int32, device=dev)
-    sorted_ids.scatter_(0, dest, order.to(torch.int32))
-    sorted_ids = sorted_ids[:-1]  # the last slot absorbed the dropped pairs
-    blocks_end = torch.cumsum(padded // block_size, 0)
-    n_blocks = shapes["block_expert_ids"][0][0]
-    block_expert = torch.bucketize(torch.arange(n_blocks, device=dev), blocks_end, right=True)
-    block_expert = torch.where(block_expert < num_experts, block_expert, -1).to(torch.int32)
-    num_padded = padded.sum().reshape(1).to(torch.int32)
-    return sorted_ids, block_expert, num_padded
 
 
 # CPU: the readable per-expert loop; CUDA: the loop-free version (no syncs).
