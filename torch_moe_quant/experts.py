@@ -42,6 +42,14 @@ from .schemes import ActOrder, Scheme, ZeroPoint, get_scheme
 Weight = Union[torch.Tensor, QuantizedTensor]
 
 
+def dequantize_weight(w: Weight, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """A weight of a ``QuantizedExperts`` as a plain ``dtype`` tensor."""
+    if isinstance(w, QuantizedTensor):
+        # formats decode to at most fp32; widening to fp64 (gradcheck) is exact
+        return formats.dequantize(w, dtype if dtype.itemsize <= 4 else torch.float32).to(dtype)
+    return w.to(dtype)
+
+
 @dataclasses.dataclass(frozen=True)
 class QuantizedExperts:
     """Expert tensors of one MoE layer under ``scheme`` (a registered pytree).

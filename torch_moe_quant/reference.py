@@ -25,19 +25,11 @@ import torch
 
 from . import formats
 from .activations import Activation, activation_vjp, apply_activation, as_activation
-from .experts import QuantizedExperts
+from .experts import QuantizedExperts, dequantize_weight
 from .formats.core import Format, QuantizedTensor, check_tensor, value_ranges, values_available
 from .schemes import ActivationSpec, ActQuant
 
 QDQ = Callable[[torch.Tensor], torch.Tensor]
-
-
-def dequantize_weight(w, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """A weight of a ``QuantizedExperts`` as a plain ``dtype`` tensor."""
-    if isinstance(w, QuantizedTensor):
-        # formats decode to at most fp32; widening to fp64 (gradcheck) is exact
-        return formats.dequantize(w, dtype if dtype.itemsize <= 4 else torch.float32).to(dtype)
-    return w.to(dtype)
 
 
 def activation_qdq(spec: Optional[ActivationSpec], static_scale: Optional[torch.Tensor]) -> QDQ:
