@@ -11,7 +11,8 @@ are zero padded, which leaves every ``|x|`` maximum unchanged.
 
 from __future__ import annotations
 
-from typing import Sequence, Tuple
+import math
+from typing import Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -44,12 +45,18 @@ def per_block(v: torch.Tensor) -> torch.Tensor:
 
 def block_amax(x: torch.Tensor, g: Granularity) -> torch.Tensor:
     """``max |x|`` of every block, in ``x.dtype`` (exact); NaN propagates (torch.amax)."""
-    return to_blocks(x.abs(), g).amax(dim=(-3, -1))
+    xb = to_blocks(x.abs(), g)
+    if xb.numel() == 0:  # no rows: every (empty) block has amax 0, as an all-zero one
+        return xb.new_zeros(xb.shape[:-3] + xb.shape[-2:-1])
+    return xb.amax(dim=(-3, -1))
 
 
 def block_min_max(x: torch.Tensor, g: Granularity) -> Tuple[torch.Tensor, torch.Tensor]:
     """``(min, max)`` of every block (no padding: only whole-tile granularities use it)."""
     xb = to_blocks(x, g)
+    if xb.numel() == 0:
+        zeros = xb.new_zeros(xb.shape[:-3] + xb.shape[-2:-1])
+        return zeros, zeros
     return xb.amin(dim=(-3, -1)), xb.amax(dim=(-3, -1))
 
 
@@ -62,20 +69,32 @@ def replace_zero_scale(s: torch.Tensor, eps_dtype: torch.dtype) -> torch.Tensor:
     return torch.where(s == 0, torch.full_like(s, eps), s)
 
 
-def eager() -> bool:
-    """True outside torch.compile tracing and CUDA graph capture: value
+def eager(*tensors) -> bool:
+    """True outside torch.compile tracing and CUDA graph capture, and when no
+    tensor of ``tensors`` is fake or on the ``meta`` device: value
     (data-dependent) checks, which read values on the host, run only then
-    (``core.values_available`` for no particular tensor)."""
-    return values_available()
+    (``core.values_available``)."""
+    return values_available(*tensors)
 
 
-def check_finite(name: str, x: torch.Tensor) -> None:
-    """Integer formats have no NaN/inf code: reject non-finite input (eagerly)."""
-    if eager() and not bool(torch.isfinite(x).all()):
+def check_finite(name: str, x: torch.Tensor, limit: Optional[float] = None) -> None:
+    """Integer formats have no NaN/inf code: reject non-finite input (eagerly).
+    ``limit``: the largest magnitude whose scale and codes stay finite in the
+    working precision (larger finite values would overflow to inf or NaN)."""
+    if not eager(x) or x.numel() == 0:
+        return
+    amax = float(x.abs().amax())  # NaN and inf propagate: one reduction, one read
+    if not math.isfinite(amax):
         raise ValueError(
             f"{name} must be finite for integer quantization: it has "
             f"{int(torch.isnan(x).sum())} NaN and {int(torch.isinf(x).sum())} inf values"
         )
+    if limit is not None:
+        if amax > limit:
+            raise ValueError(
+                f"{name} has values of magnitude {amax:.4g}; integer quantization supports at most "
+                f"{limit:.4g} here (a larger range overflows its scale or codes to inf)"
+            )
 
 
 def check_static_scale(
@@ -84,7 +103,7 @@ def check_static_scale(
     """A static scale must have the granularity's scale shape, ``dtype``, and be
     finite and > 0 (value check eager only)."""
     check_tensor(name, scale, dtype=dtype, shape=tuple(shape))
-    if eager() and not bool(((scale > 0) & torch.isfinite(scale)).all()):
+    if eager(scale) and not bool(((scale > 0) & torch.isfinite(scale)).all()):
         raise ValueError(f"{name} must be finite and > 0 everywhere")
 
 

@@ -51,8 +51,10 @@ References, measured with compressed-tensors 0.20 and torchao 0.18 (torch 2.13 C
 * GPTQ's quantizer uses the same grid (symmetric: scale ``2 * amax / 15``,
   zero 8), AutoAWQ's does not (its min/max are not widened to include 0).
 
-NaN / inf policy: ``quantize`` raises ``ValueError`` on non-finite input
-(eagerly; under torch.compile tracing the check is skipped and such groups'
+NaN / inf policy: ``quantize`` raises ``ValueError`` on non-finite input,
+and on finite input so large that the scale or the decoded grid would
+overflow the working precision (symmetric: ``|x| > max * 7.5 / 8``;
+asymmetric: ``|x| > max / 2``, where ``hi - lo`` would overflow) (eagerly; under torch.compile tracing the check is skipped and such groups'
 codes are unspecified). ``pack_int4`` rejects codes outside [-8, 7].
 
 Checkpoint packings (GPTQ v1/v2, AWQ, pack-quantized names and shapes) are in
@@ -147,7 +149,7 @@ def pack_int4(codes: torch.Tensor) -> torch.Tensor:
     (nibble = code + 8, element ``8w + j`` in bits ``4j``): compressed-tensors'
     ``pack_to_int32(codes, 4)``."""
     check_tensor("codes", codes, dtype=torch.int8)
-    if eager() and bool(((codes < INT4_MIN) | (codes > INT4_MAX)).any()):
+    if eager(codes) and bool(((codes < INT4_MIN) | (codes > INT4_MAX)).any()):
         raise ValueError(f"codes must lie in [{INT4_MIN}, {INT4_MAX}] to pack as int4")
     return pack_nibbles(codes.to(torch.int32) + OFFSET)
 
@@ -201,7 +203,7 @@ def _quantize_contiguous(
 def check_g_idx(name: str, g_idx: torch.Tensor, batch: Tuple[int, ...], cols: int, groups: int) -> None:
     """``g_idx`` is int32 ``[*batch, cols]`` with values in ``[0, groups)`` (values checked eagerly)."""
     check_tensor(name, g_idx, dtype=torch.int32, shape=(*batch, cols))
-    if eager() and g_idx.numel() and bool(((g_idx < 0) | (g_idx >= groups)).any()):
+    if eager(g_idx) and g_idx.numel() and bool(((g_idx < 0) | (g_idx >= groups)).any()):
         raise ValueError(f"{name} values must lie in [0, {groups})")
 
 
@@ -214,7 +216,7 @@ def trivial_g_idx(batch: Tuple[int, ...], cols: int, group: int, device=None) ->
 def _group_perm(g_idx: torch.Tensor, group: int, groups: int) -> torch.Tensor:
     """Stable column order that makes every act-order group contiguous; each
     group must have exactly ``group`` columns."""
-    if eager():
+    if eager(g_idx):
         counts = torch.zeros(*g_idx.shape[:-1], groups, dtype=torch.int64, device=g_idx.device)
         counts.scatter_add_(-1, g_idx.long(), torch.ones_like(g_idx, dtype=torch.int64))
         if bool((counts != group).any()):
@@ -244,7 +246,10 @@ def quantize(
     *batch, rows, cols = x.shape
     batch = tuple(batch)
     check_supported(Format.INT4, g, cols, "int4.quantize")
-    check_finite("x", x)
+    # magnitudes that keep the scale and the decoded grid finite in the working
+    # precision: symmetric, 8 * amax / 7.5 <= max; asymmetric, hi - lo <= max
+    work = torch.finfo(torch.float32 if arithmetic is Arithmetic.FP32 else x.dtype).max
+    check_finite("x", x, limit=work * 7.5 / 8 if mode is Int4Mode.SYMMETRIC else work / 2)
     sdtype = x.dtype if scale_dtype is None else scale_dtype
     check_float_dtype("scale_dtype", sdtype)
     if arithmetic is Arithmetic.INPUT_DTYPE and sdtype != x.dtype:

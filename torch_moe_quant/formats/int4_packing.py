@@ -143,7 +143,7 @@ def _unsigned_zeros(q: QuantizedTensor) -> torch.Tensor:
 
 
 def _check_range(name: str, t: torch.Tensor, lo: int, hi: int, why: str) -> None:
-    if eager() and t.numel() and bool(((t < lo) | (t > hi)).any()):
+    if eager(t) and t.numel() and bool(((t < lo) | (t > hi)).any()):
         raise ValueError(f"{name} must lie in [{lo}, {hi}] {why}; got [{int(t.min())}, {int(t.max())}]")
 
 
@@ -152,7 +152,7 @@ def _keep_g_idx(g_idx: Optional[torch.Tensor], batch, cols, group, groups, name)
     if g_idx is None:
         return None
     check_g_idx(name, g_idx, batch, cols, groups)
-    if eager() and torch.equal(g_idx, trivial_g_idx(batch, cols, group, g_idx.device)):
+    if eager(g_idx) and torch.equal(g_idx, trivial_g_idx(batch, cols, group, g_idx.device)):
         return None
     return g_idx.contiguous()
 
@@ -161,7 +161,7 @@ def _symmetric_or_zero_point(zp: torch.Tensor, mode: Int4Mode, name: str) -> Opt
     """For a symmetric checkpoint, check every zero point is 0 and drop it."""
     if Int4Mode(mode) is Int4Mode.ASYMMETRIC:
         return zp
-    if eager() and bool((zp != 0).any()):
+    if eager(zp) and bool((zp != 0).any()):
         raise ValueError(f"{name}: mode=SYMMETRIC needs every zero point to be 8 (unsigned); use ASYMMETRIC")
     return None
 

@@ -156,7 +156,8 @@ def quantize(
     rule, arithmetic = Int8ScaleRule(rule), Arithmetic(arithmetic)
     *batch, rows, cols = x.shape
     check_supported(Format.INT8, g, cols, "int8.quantize")
-    check_finite("x", x)
+    # 128 * amax / 127.5 <= max keeps the decoded grid finite
+    check_finite("x", x, limit=torch.finfo(torch.float32 if arithmetic is Arithmetic.FP32 else x.dtype).max * 127.5 / 128)
     if rule is Int8ScaleRule.QMAX and arithmetic is not Arithmetic.FP32:
         raise ValueError("rule=Int8ScaleRule.QMAX (vLLM's kernel) needs arithmetic=Arithmetic.FP32")
     if scale is not None:
@@ -195,7 +196,7 @@ def reject_zero_point(name: str, zero_point: Optional[torch.Tensor]) -> None:
     check_tensor(name, zero_point)
     if zero_point.is_floating_point():
         raise TypeError(f"{name} must be an integer tensor, got {zero_point.dtype}")
-    if eager() and bool((zero_point != 0).any()):
+    if eager(zero_point) and bool((zero_point != 0).any()):
         raise ValueError(
             f"{name} has nonzero entries: asymmetric int8 is not supported "
             "(symmetric only; an all-zero zero point is dropped)"

@@ -16,6 +16,7 @@ import torch
 
 from .core import (
     Format,
+    values_available,
     Granularity,
     PerBlock,
     PerGroup,
@@ -146,3 +147,68 @@ def validate(q: QuantizedTensor, name: str) -> None:
     extra = set(q.tensors) - set(fields)
     if extra:
         raise ValueError(f"{name} has unexpected fields for {q.fmt.value}: {sorted(extra)}")
+
+
+#: e8m0 byte that encodes NaN (OCP MX spec)
+E8M0_NAN = 255
+
+
+def _first_bad(bad: torch.Tensor) -> str:
+    idx = tuple(int(i) for i in bad.nonzero()[0])
+    return f"{int(bad.sum())} of {bad.numel()}, first at index {idx}"
+
+
+def check_quantized_values(q: QuantizedTensor, name: str, key=None) -> None:
+    """Value checks of a quantized tensor from outside (checkpoint, user), run
+    at construction or load, never per call: every value must decode to a
+    finite number of the right sign. Errors name ``name.<field>``.
+
+    * fp8 / int8 / int4 scales: finite and > 0 (0 zeroes a block, a negative
+      scale flips its signs; our quantizers and compressed-tensors never store
+      either);
+    * MX (e8m0) scales: not the NaN byte 255;
+    * nvfp4: block scales not NaN and >= 0 (0 is an all-zero block), global
+      scale finite and > 0 (dequantize divides by it);
+    * int4 zero points in [-8, 8] (8: a GPTQ v1 nibble 15), g_idx in [0, groups).
+
+    ``key(field) -> str`` names a field in errors (default ``name.<field>``;
+    the loaders pass the checkpoint key). Skipped when the values cannot be
+    read (meta / fake tensors, compiling)."""
+    label = key or (lambda field: f"{name}.{field}")
+    tensors = [t for t in q.tensors.values()]
+    if not values_available(*tensors):
+        return
+    traits = TRAITS[q.fmt]
+    s = q.scale
+    if s.numel():
+        if s.dtype == torch.uint8:  # e8m0
+            bad = s == E8M0_NAN
+            if bool(bad.any()):
+                raise ValueError(f"{label('scale')} holds the e8m0 NaN byte 255 ({_first_bad(bad)})")
+        elif traits.has_global_scale:
+            f = s.float()
+            bad = f.isnan() | (f < 0)
+            if bool(bad.any()):
+                raise ValueError(f"{label('scale')} (nvfp4 block scales) must be >= 0 and not NaN ({_first_bad(bad)})")
+        else:
+            f = s.float()
+            bad = ~(torch.isfinite(f) & (f > 0))
+            if bool(bad.any()):
+                raise ValueError(f"{label('scale')} must be finite and > 0 everywhere ({_first_bad(bad)} are not)")
+    if q.global_scale is not None and q.global_scale.numel():
+        g = q.global_scale.float()
+        bad = ~(torch.isfinite(g) & (g > 0))
+        if bool(bad.any()):
+            raise ValueError(
+                f"{label('global_scale')} must be finite and > 0 (dequantize divides by it; {_first_bad(bad)} are not)"
+            )
+    if q.zero_point is not None and q.zero_point.numel():
+        z = q.zero_point
+        bad = (z < -8) | (z > 8)
+        if q.fmt is Format.INT4 and bool(bad.any()):
+            raise ValueError(f"{label('zero_point')} must lie in [-8, 8] for int4 ({_first_bad(bad)} do not)")
+    if q.g_idx is not None and q.g_idx.numel() and isinstance(q.granularity, PerGroup):
+        groups = q.shape[-1] // q.granularity.size
+        bad = (q.g_idx < 0) | (q.g_idx >= groups)
+        if bool(bad.any()):
+            raise ValueError(f"{label('g_idx')} must lie in [0, {groups}) ({_first_bad(bad)} do not)")

@@ -15,7 +15,8 @@ Quantize (the arithmetic of compressed-tensors, dtype by dtype):
 * ``global_scale = 448 * 6 / max(amax, finfo(x.dtype).tiny)`` computed in
   ``x.dtype`` (amax over the finite values of each ``[rows, cols]`` matrix),
   NaN/inf results replaced by 1.0, then float32. Or the ``global_scale=``
-  argument (static, e.g. a checkpoint's ``input_global_scale``). Measured
+  argument (static, e.g. a checkpoint's ``input_global_scale``), which must
+  be finite and > 0 (``ValueError`` otherwise, checked eagerly). Measured
   consequence of computing in ``x.dtype``: for float16 input with
   ``amax < 2688 / 65504 ~ 0.041`` the quotient overflows and the global
   scale is 1.0, as in compressed-tensors.
@@ -54,7 +55,7 @@ import torch
 
 from . import _e8m0
 from ._minifloat import FP4_E2M1, decode, encode
-from .core import Format, PerGroup, QuantizedTensor
+from .core import Format, PerGroup, QuantizedTensor, values_available
 from .mxfp4 import _pack, _unpack
 
 FMT = Format.NVFP4
@@ -70,7 +71,10 @@ def global_scale_of(x: torch.Tensor) -> torch.Tensor:
     ``x``: ``448 * 6 / amax`` in ``x.dtype`` as compressed-tensors'
     ``generate_gparam`` (non-finite values ignored; non-finite results -> 1.0)."""
     finite = torch.where(torch.isfinite(x), x.abs(), torch.zeros((), dtype=x.dtype))
-    amax = finite.amax(dim=(-2, -1), keepdim=True)
+    if finite.numel() == 0:  # no rows: as an all-zero matrix
+        amax = finite.new_zeros(finite.shape[:-2] + (1, 1))
+    else:
+        amax = finite.amax(dim=(-2, -1), keepdim=True)
     amax = amax.clamp(min=torch.finfo(x.dtype).tiny)
     gs = torch.nan_to_num(_E4M3_MAX * _FP4_MAX / amax, nan=1.0, posinf=1.0, neginf=1.0)
     return gs.float()
@@ -157,4 +161,8 @@ def _static_global_scale(global_scale: torch.Tensor, x: torch.Tensor) -> torch.T
             f"global_scale must broadcast to {target} (one per [rows, cols] matrix), "
             f"got shape {tuple(global_scale.shape)}"
         )
-    return global_scale.to(device=x.device, dtype=torch.float32).expand(target)
+    gs = global_scale.to(device=x.device, dtype=torch.float32)
+    if values_available(gs) and gs.numel() and not bool((torch.isfinite(gs) & (gs > 0)).all()):
+        # 0 zeroes every code, NaN / inf give NaN scales: never a usable result
+        raise ValueError("global_scale must be finite and > 0 everywhere")
+    return gs.expand(target)
