@@ -36,7 +36,7 @@ from .formats.core import (
     register_pytree_dataclass,
     values_available,
 )
-from .formats.layout import TRAITS, validate
+from .formats.layout import TRAITS, check_quantized_values, validate
 from .schemes import ActOrder, Scheme, ZeroPoint, get_scheme
 
 Weight = Union[torch.Tensor, QuantizedTensor]
@@ -184,8 +184,42 @@ def quantize_experts(
         hidden_size, intermediate_size: logical (unpadded) sizes when the
             given weights are already padded (default: their sizes).
     """
+    if isinstance(w13, torch.Tensor) and isinstance(w2, torch.Tensor):
+        check_float_weights(scheme, w13=w13, w2=w2)
+    experts = build_experts(
+        w13, w2, scheme, w13_bias=w13_bias, w2_bias=w2_bias, layout=layout,
+        a13_scale=a13_scale, a2_scale=a2_scale, pad_to=pad_to,
+        hidden_size=hidden_size, intermediate_size=intermediate_size,
+    )
+    check_values(experts)
+    return experts
+
+
+def build_experts(
+    w13: Weight,
+    w2: Weight,
+    scheme,
+    *,
+    w13_bias: Optional[torch.Tensor] = None,
+    w2_bias: Optional[torch.Tensor] = None,
+    layout: Union[GateUpLayout, str] = GateUpLayout.GATE_UP,
+    a13_scale: Optional[torch.Tensor] = None,
+    a2_scale: Optional[torch.Tensor] = None,
+    pad_to: Optional[int] = None,
+    hidden_size: Optional[int] = None,
+    intermediate_size: Optional[int] = None,
+) -> QuantizedExperts:
+    """``quantize_experts`` without ``check_values``: every shape, dtype and
+    device check, and the static scales' values, but no read of the weights'
+    values. The ops rebuild their experts with it on every call (DESIGN §6b:
+    a call checks its tensors' shapes, dtypes and devices only)."""
     scheme = get_scheme(scheme)
-    layout = GateUpLayout(layout)
+    try:
+        layout = GateUpLayout(layout)
+    except ValueError:
+        raise ValueError(
+            f"layout must be one of {[v.value for v in GateUpLayout]}, got {layout!r}"
+        ) from None
     quantized_input = isinstance(w13, QuantizedTensor) or isinstance(w2, QuantizedTensor)
     for name, w in (("w13", w13), ("w2", w2)):
         if not isinstance(w, (torch.Tensor, QuantizedTensor)):
@@ -194,6 +228,12 @@ def quantize_experts(
             raise ValueError(f"{name} must be 3-D [E, rows, K], got shape {tuple(w.shape)}")
     E, n13, H = _shape(w13)
     E2, H2, inter = _shape(w2)
+    if E == 0:
+        raise ValueError(f"w13 must hold at least one expert, got shape {tuple(w13.shape)} (E = 0)")
+    if min(n13, H, inter) == 0:
+        raise ValueError(
+            f"expert sizes must be positive: w13 {tuple(w13.shape)}, w2 {tuple(w2.shape)}"
+        )
     if E2 != E:
         raise ValueError(f"w2 has {E2} experts but w13 has {E}: the expert dims must match")
     if H2 != H:
@@ -243,8 +283,8 @@ def quantize_experts(
     if w2_bias is not None:
         w2_bias = _pad_dim(w2_bias, 1, Hp)
     return QuantizedExperts(
-        _quantize_weight(scheme, w13),
-        _quantize_weight(scheme, w2),
+        _quantize_weight(scheme, w13, "w13"),
+        _quantize_weight(scheme, w2, "w2"),
         scheme,
         hidden_size=hidden_size or H,
         intermediate_size=intermediate_size or inter,
@@ -272,7 +312,16 @@ def act_order_g_idx(w: torch.Tensor, group_size: int) -> torch.Tensor:
 CHUNK_ELEMENTS = 1 << 28
 
 
-def _quantize_weight(scheme: Scheme, w: torch.Tensor) -> Weight:
+def _quantize_weight(scheme: Scheme, w: torch.Tensor, name: str) -> Weight:
+    """``w`` quantized to the scheme's weight format; a format's value error
+    (its input is ``x`` there) is re-raised naming ``name``."""
+    try:
+        return _quantize_weight_chunks(scheme, w)
+    except ValueError as e:
+        raise ValueError(f"{name}: {e}") from e
+
+
+def _quantize_weight_chunks(scheme: Scheme, w: torch.Tensor) -> Weight:
     spec = scheme.weight
     if spec.fmt is None:
         return w.to(spec.float_dtype)
@@ -290,6 +339,12 @@ def _quantize_weight(scheme: Scheme, w: torch.Tensor) -> Weight:
 
 def _quantize_chunk(scheme: Scheme, w: torch.Tensor) -> Weight:
     spec = scheme.weight
+    if spec.fmt is Format.NVFP4 and w.dtype == torch.float16:
+        # the nvfp4 global scale 448 * 6 / amax is computed in the input dtype
+        # (compressed-tensors' convention) and overflows float16 for amax <
+        # 0.041, falling back to 1.0 (most codes then round to 0): weights are
+        # widened to float32 first (exact), which gives float32's result.
+        w = w.float()
     options = {}
     if spec.rounding is not None:
         options["rounding"] = spec.rounding
@@ -345,6 +400,10 @@ def _check_static_scales(scheme: Scheme, a13_scale, a2_scale, device: torch.devi
                 f"scheme {scheme.name} quantizes activations with static scales: pass {name}= "
                 f"(torch_moe_quant.calibrate_activation_scales computes both from sample inputs)"
             )
+        if isinstance(s, bool) or not isinstance(s, (float, int, torch.Tensor)):
+            raise TypeError(f"{name} must be a float or a float tensor, got {type(s).__name__}")
+        if isinstance(s, torch.Tensor) and not s.is_floating_point():
+            raise TypeError(f"{name} must be a float tensor, got dtype {s.dtype}")
         s = torch.as_tensor(s, dtype=torch.float32, device=device)
         if s.numel() != 1:
             raise ValueError(f"{name} must hold one per-tensor scale, got shape {tuple(s.shape)}")
@@ -352,3 +411,52 @@ def _check_static_scales(scheme: Scheme, a13_scale, a2_scale, device: torch.devi
             raise ValueError(f"{name} must be finite and positive, got {s.item()}")
         out.append(s.reshape(1, 1))
     return tuple(out)
+
+
+def check_values(experts: QuantizedExperts) -> None:
+    """Value checks of a ``QuantizedExperts`` at construction (quantize, load),
+    never on the call path: float weights and biases of a quantized scheme
+    must be finite (a NaN or inf would poison its whole scale block), and
+    already-quantized weights must decode to finite values
+    (``formats.layout.check_values``: scales finite and positive, no NaN
+    e8m0 byte, a usable nvfp4 global scale, g_idx in range). Skipped for
+    tensors whose values cannot be read (meta, fake, while compiling)."""
+    for name, w in (("w13", experts.w13), ("w2", experts.w2)):
+        if isinstance(w, QuantizedTensor):
+            check_quantized_values(w, name)
+    for name, b in (("w13_bias", experts.w13_bias), ("w2_bias", experts.w2_bias)):
+        if b is not None and values_available(b) and b.numel() and not bool(torch.isfinite(b).all()):
+            raise ValueError(f"{name} must be finite: it holds NaN or inf values")
+
+
+def check_float_weights(scheme, **weights: Optional[torch.Tensor]) -> None:
+    """Float weights about to be quantized to ``scheme`` must be finite (every
+    format: a NaN or inf sets its block's scale to NaN / inf, or raises in the
+    integer formats); errors name the argument. Unquantized schemes only check
+    that the cast to their dtype does not overflow (NaN stays NaN there)."""
+    scheme = get_scheme(scheme)
+    if scheme.weight.fmt is None:
+        # the cast to the scheme's float dtype must not overflow (float32 /
+        # bfloat16 weights beyond float16's range would become inf)
+        target = scheme.weight.float_dtype
+        for name, w in weights.items():
+            if (
+                isinstance(w, torch.Tensor) and w.is_floating_point() and w.dtype != target
+                and torch.finfo(w.dtype).max > torch.finfo(target).max and w.numel() and values_available(w)
+            ):
+                amax = float(w.detach().abs().amax())
+                if math.isfinite(amax) and amax > torch.finfo(target).max:
+                    raise ValueError(
+                        f"{name} has values of magnitude {amax:.4g}, beyond {target}'s range "
+                        f"(max {torch.finfo(target).max:.4g}): {scheme.name} would store them as inf"
+                    )
+        return
+    for name, w in weights.items():
+        if w is None or not isinstance(w, torch.Tensor) or not values_available(w) or w.numel() == 0:
+            continue
+        finite = torch.isfinite(w)
+        if not bool(finite.all()):
+            raise ValueError(
+                f"{name} must be finite to be quantized to {scheme.name}: it holds "
+                f"{int(torch.isnan(w).sum())} NaN and {int(torch.isinf(w).sum())} inf values"
+            )

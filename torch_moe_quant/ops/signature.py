@@ -22,7 +22,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 
 from ..activations import GateUpLayout
-from ..experts import QuantizedExperts, quantize_experts
+from ..experts import QuantizedExperts, build_experts
 from ..fake_impls.shapes import dequantize_shape
 from ..formats.core import QuantizedTensor, check_tensor
 from ..formats.layout import expected_fields
@@ -123,7 +123,7 @@ class ExpertsSignature:
             want = self.scheme.weight.float_dtype
             check_tensor("w13", w13, dtype=want)
             check_tensor("w2", w2, dtype=want)
-        return quantize_experts(
+        return build_experts(  # shapes, dtypes, devices: never the weights' values
             w13, w2, self.scheme,
             w13_bias=b13, w2_bias=b2, layout=layout, a13_scale=a13, a2_scale=a2,
             hidden_size=hidden_size,
