@@ -46,7 +46,11 @@ def fused_moe(
             f"hidden_states must have shape [num_tokens, {experts.hidden_size}], "
             f"got {tuple(hidden_states.shape)}"
         )
-    return EXPERT_OPS[name](
+    pad = experts.padded_hidden_size - experts.hidden_size
+    if pad and isinstance(hidden_states, torch.Tensor) and hidden_states.dim() == 2:
+        # the op takes the weights' padded width: zero features add nothing
+        hidden_states = torch.nn.functional.pad(hidden_states, (0, pad))
+    out = EXPERT_OPS[name](
         hidden_states,
         topk_weights,
         topk_ids,
@@ -56,3 +60,4 @@ def fused_moe(
         experts.layout.value,
         bool(apply_router_weight_on_input),
     )
+    return out[:, : experts.hidden_size] if pad else out

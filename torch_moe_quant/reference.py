@@ -42,10 +42,11 @@ def activation_qdq(spec: Optional[ActivationSpec], static_scale: Optional[torch.
     if spec.mode is ActQuant.STATIC:
         key = "global_scale" if spec.fmt is Format.NVFP4 else "scale"
         options[key] = static_scale
-    # quantization math in fp32 even for fp64 inputs (gradcheck), result in x.dtype
+    # quantization math in fp32 even for fp64 inputs (gradcheck): the formats
+    # decode to at most fp32, which widens exactly to x.dtype
     return lambda x: formats.fake_quantize(
-        x.float(), spec.fmt, spec.granularity, dtype=x.dtype, **options
-    )
+        x.float(), spec.fmt, spec.granularity, dtype=torch.float32, **options
+    ).to(x.dtype)
 
 
 def check_routing(
@@ -55,13 +56,25 @@ def check_routing(
     num_experts: int,
     expert_map: Optional[torch.Tensor],
     local_experts: int,
+    device: Optional[torch.device] = None,
 ) -> None:
-    """Validate routing tensors; errors name the argument."""
+    """Validate routing tensors; errors name the argument. ``device``: the
+    device of ``hidden_states`` every routing tensor must be on (a ``meta``
+    or other-device id tensor would otherwise be read as garbage)."""
     check_tensor("topk_ids", topk_ids, dtype=(torch.int32, torch.int64))
     check_tensor(
         "topk_weights", topk_weights,
         dtype=(torch.float32, torch.float16, torch.bfloat16, torch.float64),
     )
+    if expert_map is not None:
+        check_tensor("expert_map", expert_map, dtype=(torch.int32, torch.int64))
+    if device is not None:
+        for name, t in (("topk_ids", topk_ids), ("topk_weights", topk_weights), ("expert_map", expert_map)):
+            if t is not None and t.device != device:
+                raise ValueError(
+                    f"{name} is on {t.device} but hidden_states is on {device}: every routing tensor "
+                    f"must be on the device of hidden_states"
+                )
     if topk_ids.dim() != 2 or topk_ids.shape[0] != num_tokens:
         raise ValueError(
             f"topk_ids must have shape [num_tokens={num_tokens}, top_k], got {tuple(topk_ids.shape)}"
@@ -74,7 +87,6 @@ def check_routing(
     if topk_ids.shape[1] > num_experts:
         raise ValueError(f"top_k={topk_ids.shape[1]} is larger than the number of experts {num_experts}")
     if expert_map is not None:
-        check_tensor("expert_map", expert_map, dtype=(torch.int32, torch.int64))
         if expert_map.dim() != 1:
             raise ValueError(f"expert_map must be 1-D [num_global_experts], got {tuple(expert_map.shape)}")
     if not values_available(topk_ids, expert_map) or topk_ids.numel() == 0:
@@ -157,7 +169,7 @@ def validate_call(
     x, act = check_inputs(hidden_states, experts, activation)
     E = experts.num_experts
     num_global = E if expert_map is None else expert_map.shape[0]
-    check_routing(topk_weights, topk_ids, x.shape[0], num_global, expert_map, E)
+    check_routing(topk_weights, topk_ids, x.shape[0], num_global, expert_map, E, hidden_states.device)
     if apply_router_weight_on_input and topk_ids.shape[1] != 1:
         raise ValueError(
             f"apply_router_weight_on_input needs top_k == 1, got top_k={topk_ids.shape[1]}"

@@ -41,12 +41,15 @@ def _unflatten(sig: ExpertsSignature, args):
     check_tensor("hidden_states", hidden_states)
     if hidden_states.dim() != 2:
         raise ValueError(f"hidden_states must be 2-D [num_tokens, hidden], got {tuple(hidden_states.shape)}")
-    # The logical hidden size is the input's; the weights may be zero-padded beyond it.
     experts = sig.unflatten(hidden_states.shape[1], tensors, layout)
-    if hidden_states.shape[1] > experts.padded_hidden_size:
+    # The op sees the weights' (possibly zero-padded) hidden size and nothing
+    # else: a narrower input cannot be told from a wrong one, so it must match
+    # exactly (``fused_moe`` zero-pads the input of padded experts itself).
+    if hidden_states.shape[1] != experts.padded_hidden_size:
         raise ValueError(
-            f"hidden_states has {hidden_states.shape[1]} features but the experts' hidden size "
-            f"is {experts.padded_hidden_size}"
+            f"hidden_states must have shape [num_tokens, {experts.padded_hidden_size}] (the hidden "
+            f"size of w2, padding included; fused_moe pads the input of padded experts), "
+            f"got {tuple(hidden_states.shape)}"
         )
     return hidden_states, experts, topk_weights, topk_ids, activation, expert_map, on_input
 

@@ -113,6 +113,8 @@ def _check_x(x: torch.Tensor) -> None:
     check_tensor("x", x, dtype=(torch.float32, torch.bfloat16, torch.float16))
     if x.dim() < 2:
         raise ValueError(f"x must have at least 2 dims [..., rows, K], got {tuple(x.shape)}")
+    if x.shape[-1] == 0:
+        raise ValueError(f"x must have K >= 1 (its last dim), got shape {tuple(x.shape)}")
 
 
 def _make_quantize(spec: QuantOpSpec):
