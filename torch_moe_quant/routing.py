@@ -35,7 +35,8 @@ class RoutingMethod(str, enum.Enum):
     TOPK = "topk"  # plain top-k, weights are the logits themselves
 
 
-def _as_method(method) -> RoutingMethod:
+def as_method(method) -> RoutingMethod:
+    """``method`` (a ``RoutingMethod`` or its name) as a ``RoutingMethod``, else ValueError."""
     try:
         return RoutingMethod(method)
     except ValueError:
@@ -50,7 +51,8 @@ def stable_topk(scores: torch.Tensor, k: int) -> Tuple[torch.Tensor, torch.Tenso
     return values[..., :k], idx[..., :k]
 
 
-def _check_route_args(router_logits, top_k, num_experts_hint=None):
+def check_route_args(router_logits, top_k, num_experts_hint=None):
+    """``route``'s checks of ``router_logits`` and ``top_k`` (module docstring), in its order and words."""
     if not isinstance(router_logits, torch.Tensor):
         raise TypeError(f"router_logits must be a torch.Tensor, got {type(router_logits).__name__}")
     if not router_logits.is_floating_point():
@@ -90,8 +92,8 @@ def route(
     Returns:
         ``(topk_weights float32 [M, k], topk_ids int32 [M, k])``.
     """
-    method = _as_method(method)
-    _check_route_args(router_logits, top_k)
+    method = as_method(method)
+    check_route_args(router_logits, top_k)
     if method is not RoutingMethod.DEEPSEEK_V3 and (
         correction_bias is not None or num_groups is not None or topk_groups is not None
     ):
@@ -193,7 +195,7 @@ def weights_for_ids(
     """The routing weights ``route`` returns, as a differentiable function of
     the logits once the chosen ``topk_ids`` are fixed (selection itself has no
     gradient): the autograd reference the analytic ``route_vjp`` is tested against."""
-    method = _as_method(method)
+    method = as_method(method)
     logits = router_logits.float()
     ids = topk_ids.long()
     if method is RoutingMethod.SOFTMAX_TOPK:
@@ -223,7 +225,7 @@ def route_vjp(
     routed_scaling_factor: float = 1.0,
 ) -> torch.Tensor:
     """Analytic gradient w.r.t. the logits of ``weights_for_ids`` (fp32)."""
-    method = _as_method(method)
+    method = as_method(method)
     logits = router_logits.float()
     ids = topk_ids.long()
     g = grad_weights.float() * routed_scaling_factor

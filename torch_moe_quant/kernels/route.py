@@ -30,7 +30,7 @@ from typing import Optional, Tuple, Union
 
 import torch
 
-from ..routing import RoutingMethod, _as_method, _check_route_args, check_correction_bias, deepseek_groups, route
+from ..routing import RoutingMethod, as_method, check_correction_bias, check_route_args, deepseek_groups, route
 from ._enums import RouteScore, RouteWeight
 
 #: most experts the kernel holds in registers (larger E runs the reference)
@@ -92,8 +92,8 @@ def check_route(
     """The reference's validation (``routing.route`` / ``_deepseek_v3``), in
     its order and with its messages, without computing anything; also the
     bias must live on the logits' device (the reference fails there too)."""
-    method = _as_method(method)
-    _check_route_args(router_logits, top_k)
+    method = as_method(method)
+    check_route_args(router_logits, top_k)
     if method is not RoutingMethod.DEEPSEEK_V3:
         if correction_bias is not None or num_groups is not None or topk_groups is not None:
             raise ValueError(

@@ -19,7 +19,7 @@ import torch
 
 from ..fake_impls.shapes import align_shapes, route_shapes
 from ..kernels.align import align_sorted, check_align
-from ..routing import RoutingMethod, _as_method, _check_route_args, route, route_vjp
+from ..routing import RoutingMethod, as_method, check_route_args, route, route_vjp
 
 ROUTE_SCHEMA = (
     "(Tensor router_logits, int top_k, str method, Tensor? correction_bias=None, "
@@ -64,8 +64,8 @@ def _route_fake(
     router_logits, top_k, method, correction_bias=None, num_groups=None, topk_groups=None,
     routed_scaling_factor=1.0,
 ):
-    _as_method(method)
-    _check_route_args(router_logits, top_k)
+    as_method(method)
+    check_route_args(router_logits, top_k)
     (ws, wd), (ids_s, ids_d) = route_shapes(router_logits.shape[0], top_k)
     return router_logits.new_empty(ws, dtype=wd), router_logits.new_empty(ids_s, dtype=ids_d)
 
