@@ -11,7 +11,9 @@ files read lazily (``safetensors.safe_open`` reads only the keys asked for).
 
 ``CheckpointReader`` wraps a source and turns every checkpoint problem
 (missing key, wrong dtype, wrong shape) into a ``ValueError`` that names the
-key and the expected value.
+key and the expected value. Files are checked when opened: a file that is not
+readable safetensors (truncated, corrupt) and a key present in two files raise
+``ValueError`` naming the files.
 """
 
 from __future__ import annotations
@@ -68,10 +70,24 @@ class _FilesSource(TensorSource):
 
         self.directory = directory
         self._where: Dict[str, object] = {}
+        self._path: Dict[str, str] = {}
         for path in paths:
-            handle = stack.enter_context(safe_open(path, framework="pt", device="cpu"))
-            for key in handle.keys():
-                self._where.setdefault(key, handle)
+            try:
+                handle = stack.enter_context(safe_open(path, framework="pt", device="cpu"))
+                keys = list(handle.keys())
+            except Exception as e:  # SafetensorError (truncated / corrupt header), OSError
+                raise ValueError(
+                    f"checkpoint file {path!r} cannot be read as safetensors ({type(e).__name__}: {e})"
+                ) from e
+            for key in keys:
+                if key in self._where:
+                    # which copy is meant is unknowable: never take one silently
+                    raise ValueError(
+                        f"checkpoint key {key!r} is in two files: {self._path[key]!r} and {path!r} "
+                        f"(a sharded checkpoint holds each tensor once)"
+                    )
+                self._where[key] = handle
+                self._path[key] = path
 
     def keys(self) -> Iterable[str]:
         return self._where.keys()
@@ -80,7 +96,13 @@ class _FilesSource(TensorSource):
         return key in self._where
 
     def get(self, key: str) -> torch.Tensor:
-        return self._where[key].get_tensor(key)
+        try:
+            return self._where[key].get_tensor(key)
+        except Exception as e:  # SafetensorError: data past the end of a truncated file
+            raise ValueError(
+                f"checkpoint key {key!r} cannot be read from {self._path[key]!r} "
+                f"({type(e).__name__}: {e}); the file may be truncated"
+            ) from e
 
 
 def _as_paths(source) -> Tuple[Sequence[str], Optional[str]]:

@@ -73,6 +73,7 @@ from ...formats.core import (
     QuantizedTensor,
 )
 from ...formats.int4_packing import from_pack_quantized
+from ...formats.layout import check_quantized_values
 from ...schemes import ActivationSpec, ActOrder, ActQuant, Scheme, ZeroPoint
 from ._experts import (
     GATE_UP_DOWN,
@@ -116,13 +117,27 @@ class QuantArgs:
     def parse(cls, d: Mapping, where: str, reader: CheckpointReader) -> "QuantArgs":
         if not isinstance(d, Mapping):
             raise reader.error(f"{where} must be a dict, got {type(d).__name__}")
+
+        def integer(field: str, value):
+            if isinstance(value, bool) or not isinstance(value, (int, str)):
+                raise reader.error(f"{where}.{field} must be an int, got {value!r}")
+            try:
+                return int(value)
+            except ValueError:
+                raise reader.error(f"{where}.{field} must be an int, got {value!r}") from None
+
         group_size = d.get("group_size")
+        group_size = None if group_size is None else integer("group_size", group_size)
         strategy = d.get("strategy")
         if strategy is None:
             strategy = "tensor" if group_size is None else ("channel" if group_size == -1 else "group")
         block = d.get("block_structure")
         if isinstance(block, str):
-            block = [int(v) for v in block.split("x")]
+            block = block.split("x")
+        if block is not None:
+            if not isinstance(block, (list, tuple)) or len(block) != 2:
+                raise reader.error(f"{where}.block_structure must be [rows, cols] or 'RxC', got {d.get('block_structure')!r}")
+            block = [integer("block_structure", v) for v in block]
         dynamic = d.get("dynamic", False)
         if isinstance(dynamic, str):
             dynamic = dynamic.lower()
@@ -130,7 +145,7 @@ class QuantArgs:
         if actorder is True:
             actorder = "group"
         return cls(
-            num_bits=int(d.get("num_bits", 8)),
+            num_bits=integer("num_bits", d.get("num_bits", 8)),
             type=str(d.get("type", "int")).lower(),
             symmetric=bool(d.get("symmetric", True)),
             strategy=str(strategy).lower(),
@@ -336,6 +351,45 @@ def _logical_shape(reader: CheckpointReader, s: GroupScheme, fmt: Format, first:
     return (packed.shape[0], packed.shape[1] * 2)
 
 
+def _require_zero_points(reader: CheckpointReader, proj: _Projection, w: "QuantArgs", zp) -> None:
+    """An asymmetric config (``symmetric: false``) must come with zero points:
+    reading none as 0 would shift every weight by ``zero_point * scale``."""
+    if not w.symmetric and zp is None:
+        raise reader.error(
+            f"missing tensor '{proj.modules[0]}.weight_zero_point': the weights are asymmetric "
+            f"({w}) and their zero points are not in the checkpoint"
+        )
+
+
+_CHECKPOINT_FIELD = {
+    "scale": "weight_scale",
+    "global_scale": "weight_global_scale",
+    "zero_point": "weight_zero_point",
+    "g_idx": "weight_g_idx",
+}
+
+
+def check_projection_values(reader: CheckpointReader, proj: "_Projection", q: QuantizedTensor) -> None:
+    """Every scale of one projection read from the checkpoint decodes to a
+    finite weight of the right sign (``formats.layout.check_quantized_values``);
+    the error names the first offending checkpoint key."""
+    try:
+        check_quantized_values(q, proj.template)
+    except ValueError:
+        pass
+    else:
+        return
+    for i, m in enumerate(proj.modules):  # find the expert to name its key
+        one = dataclasses.replace(
+            q, shape=tuple(q.shape[1:]), **{f: t[i] for f, t in q.tensors.items()}
+        )
+        try:
+            check_quantized_values(one, m, key=lambda field, m=m: f"tensor '{m}.{_CHECKPOINT_FIELD[field]}'")
+        except ValueError as e:
+            raise reader.error(str(e)) from None
+    check_quantized_values(q, proj.template)  # not per expert (cannot happen): raise as is
+
+
 def _check_zero_points_zero(reader: CheckpointReader, proj: _Projection, zp: Optional[torch.Tensor]) -> None:
     """A zero point that is all zero is dropped (exact); any other is rejected
     (symmetric formats; int8 is symmetric only, ``formats.int8.reject_zero_point``)."""
@@ -354,6 +408,7 @@ def _read_naive(reader, proj, s, fmt, gran, n, k) -> QuantizedTensor:
     scale = _stack(reader, proj, "weight_scale", dtype=_FLOAT_SCALE, shape=sshape, what=f"one scale per {gran}")
     scale = scale.reshape(len(proj.modules), *gran.scale_shape(n, k))
     zp = _stack_optional(reader, proj, "weight_zero_point", shape=sshape, what="one zero point per scale")
+    _require_zero_points(reader, proj, w, zp)
     if fmt is Format.INT4:
         if zp is not None and (w.symmetric or zp.is_floating_point()):
             _check_zero_points_zero(reader, proj, zp)
@@ -392,6 +447,7 @@ def _read_pack_quantized(reader, proj, s, fmt, gran, n, k) -> QuantizedTensor:
     scale = _stack(reader, proj, "weight_scale", dtype=_FLOAT_SCALE, shape=(n, groups), what=f"one scale per {gran}")
     if fmt is Format.INT8:
         zp = _stack_optional(reader, proj, "weight_zero_point", what="zero point")
+        _require_zero_points(reader, proj, w, zp)
         _check_zero_points_zero(reader, proj, zp)
         if not isinstance(gran, (PerRow, PerTensor)):
             raise reader.error(f"int8 weights per {gran} are not supported (per channel or tensor only)")
@@ -404,6 +460,7 @@ def _read_pack_quantized(reader, proj, s, fmt, gran, n, k) -> QuantizedTensor:
         reader, proj, "weight_zero_point", dtype=torch.int32, shape=(-(-n // 8), groups),
         what="int4 zero points packed along N",
     )
+    _require_zero_points(reader, proj, w, zp)
     g_idx = _stack_optional(reader, proj, "weight_g_idx", dtype=torch.int32, shape=(k,), what="act-order group of each column")
     if g_idx is not None and bool((g_idx == -1).all()):
         g_idx = None  # initialized but unused (no act-order)
@@ -580,6 +637,8 @@ def load_compressed_tensors_experts(
         shapes = {role: (hidden, inter) if role == "down" else (inter, hidden) for role in projs}
 
         qs = {role: _read_projection(reader, p, s, fmt, gran, shapes[role]) for role, p in projs.items()}
+        for role, q in qs.items():
+            check_projection_values(reader, projs[role], q)
         if any(q.g_idx is not None for q in qs.values()) and act_order is ActOrder.NONE:
             act_order = ActOrder.GROUP
             scheme, zero_point = _pick_scheme(fmt, gran_out, act, s, act_order, reader, describe + " with act-order g_idx")

@@ -39,6 +39,7 @@ import torch
 from ...activations import Activation, GateUpLayout
 from ...experts import QuantizedExperts, quantize_experts
 from ...formats.core import Format, PerGroup, QuantizedTensor
+from ...formats.layout import E8M0_NAN
 from ._safetensors import CheckpointReader, Source, open_source, read_quantization_config
 
 FAMILY = "gpt-oss"
@@ -108,6 +109,14 @@ def load_gpt_oss_experts(
                           what="one e8m0 scale per 32 along I")
         dn_b = reader.get(f"{prefix}.down_proj_bias", dtype=_BIAS_DTYPES, shape=(E, H), what="down bias")
 
+        for key, scales in ((f"{prefix}.gate_up_proj_scales", gu_s), (f"{prefix}.down_proj_scales", dn_s)):
+            bad = scales == E8M0_NAN
+            if bool(bad.any()):
+                where = tuple(int(i) for i in bad.nonzero()[0])
+                raise reader.error(
+                    f"tensor {key!r} holds the e8m0 NaN byte 255 ({int(bad.sum())} of {bad.numel()}, "
+                    f"first at index {where}): those blocks would decode to NaN"
+                )
         ids = None
         if experts is not None:
             ids = [int(e) for e in experts]
@@ -125,12 +134,15 @@ def load_gpt_oss_experts(
             scale=_select(dn_s, ids).contiguous(),
             fmt=Format.MXFP4, granularity=PerGroup(32), shape=(n, H, inter),
         )
-        return quantize_experts(
-            w13, w2, SCHEME,
-            layout=GateUpLayout.INTERLEAVED,
-            w13_bias=_select(gu_b, ids).contiguous(),
-            w2_bias=_select(dn_b, ids).contiguous(),
-        )
+        try:
+            return quantize_experts(
+                w13, w2, SCHEME,
+                layout=GateUpLayout.INTERLEAVED,
+                w13_bias=_select(gu_b, ids).contiguous(),
+                w2_bias=_select(dn_b, ids).contiguous(),
+            )
+        except (TypeError, ValueError) as exc:
+            raise reader.error(f"experts under {prefix!r} do not form a valid {SCHEME}: {exc}") from None
 
 
 __all__ = ["GPT_OSS_ACTIVATION", "load_gpt_oss_experts"]
