@@ -48,12 +48,12 @@ from torch_moe_quant.distributed import (
     ExpertPlacement,
     TokenDispatch,
     expert_parallel_moe,
-    load_local_experts,
     shard_experts,
     shard_experts_tp,
     tensor_parallel_moe,
 )
 from torch_moe_quant.formats.core import QuantizedTensor
+from torch_moe_quant.nn.loaders import load_local_experts
 
 H, I = 128, 256  # multiples of 128: int4 g128 and fp8 128x128 blocks fit, TP slices too
 EP_SCHEMES = ("bf16", "fp8_w8a8_channel_token", "int4_w4a16_g128", "mxfp4_w4a16")

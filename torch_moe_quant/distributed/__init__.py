@@ -2,8 +2,9 @@
 
 * ``ExpertPlacement``: which rank holds which global expert (contiguous
   ranges, remainder on the first ranks, or explicit owners).
-* ``shard_experts`` / ``load_local_experts``: one rank's
-  ``ExpertParallelShard`` from the full layer or straight from a checkpoint.
+* ``shard_experts``: one rank's ``ExpertParallelShard`` from the full layer
+  (``torch_moe_quant.nn.loaders.load_local_experts`` reads it straight from a
+  checkpoint).
 * ``expert_parallel_moe``: the expert-parallel forward (``TokenDispatch``:
   exact-split ``all_to_all_single``, fixed-shape all-gather, or replicated
   tokens + ``all_reduce``); local experts run through the scheme's
@@ -23,7 +24,6 @@ from .sharding import (
     ExpertPlacement,
     TensorParallelShard,
     concat_experts,
-    load_local_experts,
     select_experts,
     shard_experts,
     shard_experts_tp,
@@ -38,7 +38,6 @@ __all__ = [
     "TokenDispatch",
     "concat_experts",
     "expert_parallel_moe",
-    "load_local_experts",
     "select_experts",
     "shard_experts",
     "shard_experts_tp",

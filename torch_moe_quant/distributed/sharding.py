@@ -3,9 +3,10 @@
 Expert parallelism (EP): ``ExpertPlacement`` says which rank holds which
 global expert; ``shard_experts`` keeps one rank's experts (every tensor's
 expert dim is sliced: codes, scales, zero points, ``g_idx``, nvfp4 global
-scales, biases); ``load_local_experts`` reads only those experts from a
-checkpoint. Per-layer static activation scales (``a13_scale``, ``a2_scale``,
-``[1, 1]``: one per GEMM, shared by every expert) are replicated.
+scales, biases); ``torch_moe_quant.nn.loaders.load_local_experts`` reads
+only those experts from a checkpoint. Per-layer static activation scales
+(``a13_scale``, ``a2_scale``, ``[1, 1]``: one per GEMM, shared by every
+expert) are replicated.
 
 Placement rule (``ExpertPlacement.contiguous``): rank ``r`` of ``ep`` holds the
 contiguous range of global experts ``[start_r, start_r + n_r)`` with
@@ -34,7 +35,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import List, Mapping, Optional, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 
@@ -49,7 +50,6 @@ __all__ = [
     "ExpertPlacement",
     "TensorParallelShard",
     "concat_experts",
-    "load_local_experts",
     "select_experts",
     "shard_experts",
     "shard_experts_tp",
@@ -221,7 +221,7 @@ class ExpertParallelShard:
 
     Build it with ``shard_experts`` (from the full layer),
     ``ExpertParallelShard.from_local`` (experts already local) or
-    ``load_local_experts`` (from a checkpoint).
+    ``nn.loaders.load_local_experts`` (from a checkpoint).
     """
 
     experts: QuantizedExperts
@@ -372,38 +372,6 @@ def shard_experts(
         )
     local = select_experts(experts, placement.local_experts(_check_rank(rank, placement.world_size)))
     return ExpertParallelShard.from_local(local, placement, rank)
-
-
-def load_local_experts(
-    source,
-    prefix: str,
-    quantization_config: Optional[Mapping] = None,
-    *,
-    rank: int,
-    placement: ExpertPlacement,
-    **options,
-) -> ExpertParallelShard:
-    """Read only ``rank``'s experts of one MoE layer from a checkpoint.
-
-    Calls ``torch_moe_quant.nn.loaders.load_experts(source, prefix,
-    quantization_config, experts=placement.local_experts(rank), **options)``:
-    every loader reads just the tensors of the experts asked for (safetensors
-    are memory-mapped), so a rank never materializes the whole layer.
-    Per-layer static activation scales are reduced over the *local* experts
-    by the loader (``InputScales``); with ``InputScales.WIDEST`` ranks may
-    then hold different scales, unlike the single-device layer: pass
-    ``input_scales=InputScales.REQUIRE_EQUAL`` to forbid that, or load the full
-    layer and ``shard_experts`` it.
-    """
-    from ..nn.loaders import load_experts
-
-    if not isinstance(placement, ExpertPlacement):
-        raise TypeError(f"placement must be an ExpertPlacement, got {type(placement).__name__}")
-    if "experts" in options:
-        raise ValueError("experts= is chosen by placement and rank; do not pass it to load_local_experts")
-    ids = placement.local_experts(_check_rank(rank, placement.world_size))
-    experts = load_experts(source, prefix, quantization_config, experts=list(ids), **options)
-    return ExpertParallelShard.from_local(experts, placement, rank)
 
 
 # ---------------------------------------------------------------------------
