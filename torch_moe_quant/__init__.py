@@ -14,7 +14,7 @@ from .routing import RoutingMethod, route
 from .schemes import SCHEMES, ActivationSpec, ActQuant, Scheme, WeightSpec, get_scheme
 
 from . import ops  # noqa: E402  (registers torch.ops.moe_quant.*)
-from .nn import quantize_  # noqa: E402
+from .nn import calibrate_, quantize_  # noqa: E402
 
 __version__ = "0.1.0"
 
@@ -31,6 +31,7 @@ __all__ = [
     "ScaleRounding",
     "Scheme",
     "WeightSpec",
+    "calibrate_",
     "calibrate_activation_scales",
     "formats",
     "ops",

@@ -1,11 +1,13 @@
 """Model integration: ``nn.Module`` wrappers of quantized experts, in-place
-quantization of existing MoE models (``quantize_``) and the transformers v5
+quantization of existing MoE models (``quantize_``, with ``calibrate_`` for
+static activation scales) and the transformers v5
 experts interface (``register_transformers_experts``).
 
 Importing this package imports neither transformers nor tqdm and changes no
 global state; ``register_transformers_experts()`` is the explicit opt-in.
 """
 
+from .calibrate import ActivationRange, calibrate_
 from .modules import ExpertView, QuantizedExpertList, QuantizedExpertsModule, TransformersQuantizedExperts
 from .quantize import ExpertsKind, Progress, QuantizeSummary, find_experts, quantize_
 from .transformers_integration import (
@@ -15,6 +17,7 @@ from .transformers_integration import (
 )
 
 __all__ = [
+    "ActivationRange",
     "ExpertView",
     "ExpertsKind",
     "IMPLEMENTATION",
@@ -23,6 +26,7 @@ __all__ = [
     "QuantizedExpertList",
     "QuantizedExpertsModule",
     "TransformersQuantizedExperts",
+    "calibrate_",
     "find_experts",
     "quantize_",
     "register_transformers_experts",

@@ -33,14 +33,18 @@ Not supported (``ValueError`` at planning time, nothing is modified): experts
 with ``has_post_expert_norm``, expert-parallel experts (``_is_expert_parallel``),
 custom gates other than gpt-oss's, ModuleLists of non-gated MLPs.
 Static-activation schemes (``*_static``, ``nvfp4_w4a4``, ``*_w*a8_fp8``) need
-per-module scales: ``quantize_`` does not calibrate (yet), so pass
-``activation_scales={fqn: (a13_scale, a2_scale)}`` for every converted module
-(``torch_moe_quant.calibrate_activation_scales`` computes a pair from sample
-inputs).
+per-module scales: run ``torch_moe_quant.calibrate_(model, sample_batches)``
+first (``nn.calibrate``: the ranges it records on each experts module become
+the scheme's scales), or pass ``activation_scales={fqn: (a13_scale,
+a2_scale)}`` for every converted module (``calibrate_activation_scales``
+computes a pair for one layer); given scales win over calibrated ones.
 
 Every module is planned and dry-run on ``meta`` tensors first (activation,
-sizes, padding, scales), so configuration errors leave the model untouched;
-modules are then converted one at a time (peak memory: one layer's copy).
+sizes, padding, scales), then the values of every static scale and float
+weight are checked; modules are then converted one at a time and swapped in
+only when all converted, so an error of any kind leaves the model (module
+tree and ``state_dict``) untouched. A model whose experts are already
+quantized raises ``ValueError`` (quantize the float model instead).
 """
 
 from __future__ import annotations
@@ -54,7 +58,8 @@ import torch
 from torch import nn
 
 from ..activations import SWIGLU_LIMIT, SWIGLUOAI_ALPHA, Activation, GateUpLayout, as_activation
-from ..experts import quantize_experts
+from ..experts import _check_static_scales, check_float_weights, quantize_experts
+from ..formats.core import Format, values_available
 from ..schemes import Scheme, get_scheme
 from .modules import QuantizedExpertList, QuantizedExpertsModule, TransformersQuantizedExperts
 
@@ -95,7 +100,9 @@ class QuantizeSummary:
         return len(self.converted)
 
     def __str__(self) -> str:
-        ratio = self.bytes_before / self.bytes_after if self.bytes_after else float("nan")
+        if not self.converted:
+            return f"quantize_({self.scheme}): no expert modules converted; the model is unchanged"
+        ratio = self.bytes_before / self.bytes_after
         return (
             f"quantize_({self.scheme}): {self.num_converted} expert modules, "
             f"{self.bytes_before / 2**20:.2f} MiB -> {self.bytes_after / 2**20:.2f} MiB ({ratio:.2f}x)"
@@ -460,15 +467,84 @@ def _dry_run(plan: _Plan, scheme: Scheme, pad_to: Optional[int]) -> None:
         pass  # a value-level step meta tensors cannot run: the validation before it passed
 
 
-def _scales_for(fqn: str, scheme: Scheme, activation_scales) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+def _check_values(plan: _Plan, scheme: Scheme) -> None:
+    """The value checks of ``quantize_experts`` on the module's own tensors,
+    before any module is converted: static scales finite and positive, float
+    weights finite and in range of the integer formats. Reads every weight
+    once (no copy: the tensors are checked where they are)."""
+    fqn = plan.found.fqn
+    try:
+        if plan.scales[0] is not None or plan.scales[1] is not None:
+            device = next(
+                (s.device for s in plan.scales if isinstance(s, torch.Tensor)), torch.device("cpu")
+            )
+            _check_static_scales(scheme, plan.scales[0], plan.scales[1], device)
+        for name, t in _float_tensors(plan):
+            check_float_weights(scheme, **{name: t})
+            if scheme.weight.fmt in _INTEGER_FORMATS and t.numel() and values_available(t):
+                limit = _INTEGER_FORMATS[scheme.weight.fmt] * torch.finfo(torch.float32).max
+                amax = float(t.detach().abs().amax())
+                if amax > limit:
+                    raise ValueError(
+                        f"{name} has values of magnitude {amax:.4g}; {scheme.name} supports at most "
+                        f"{limit:.4g} (a larger range overflows the integer grid's scale)"
+                    )
+    except (ValueError, TypeError) as e:
+        raise type(e)(f"experts at {fqn!r}: {e}") from e
+
+
+#: the fraction of float32's max that the integer formats' quantizers accept
+#: (``formats.int4`` / ``formats.int8``: asymmetric int4 is the tightest)
+_INTEGER_FORMATS = {Format.INT4: 0.5, Format.INT8: 127.5 / 128}
+
+
+def _float_tensors(plan: _Plan):
+    """``(name, tensor)`` of every float weight and bias ``_read`` would stack,
+    without stacking (names as the module holds them)."""
+    m = plan.found.module
+    if plan.found.kind is ExpertsKind.LINEAR_LIST:
+        for i, expert in enumerate(m):
+            for n in _linear_names(expert):
+                lin = getattr(expert, n)
+                yield f"{i}.{n}.weight", lin.weight.detach()
+                if lin.bias is not None:
+                    yield f"{i}.{n}.bias", lin.bias.detach()
+        return
+    prefix = "gate_up_proj" if plan.flags.has_gate else "up_proj"
+    yield prefix, getattr(m, prefix).detach()
+    yield "down_proj", m.down_proj.detach()
+    if plan.flags.has_bias:
+        yield f"{prefix}_bias", getattr(m, f"{prefix}_bias").detach()
+        yield "down_proj_bias", m.down_proj_bias.detach()
+
+
+def _already_quantized(model: nn.Module, filter_fn: Optional[FilterFn]) -> List[str]:
+    """``fqn (scheme)`` of the quantized experts modules ``filter_fn`` accepts."""
+    return [
+        f"{fqn} ({module.scheme.name})"
+        for fqn, module in model.named_modules()
+        if isinstance(module, QuantizedExpertsModule) and (filter_fn is None or filter_fn(module, fqn))
+    ]
+
+
+def _scales_for(
+    fqn: str, module: nn.Module, scheme: Scheme, activation_scales
+) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+    """The static scales of one module: ``activation_scales[fqn]`` if given,
+    else those of the range ``calibrate_`` recorded on the module."""
+    from .calibrate import activation_range, scales_from_range
+
     if not scheme.static_activation:
         return None, None
     if activation_scales is None or fqn not in activation_scales:
+        recorded = activation_range(module)
+        if recorded is not None:
+            return scales_from_range(scheme, recorded, f"experts at {fqn!r}")
         raise ValueError(
-            f"scheme {scheme.name} quantizes activations with static scales and quantize_ does not "
-            f"calibrate them (yet): pass activation_scales={{fqn: (a13_scale, a2_scale)}} for every "
-            f"converted module (missing: {fqn!r}); torch_moe_quant.calibrate_activation_scales computes "
-            f"a pair from sample inputs"
+            f"scheme {scheme.name} quantizes activations with static scales and the experts at {fqn!r} "
+            f"have none: run torch_moe_quant.calibrate_(model, sample_batches) first, or pass "
+            f"activation_scales={{fqn: (a13_scale, a2_scale)}} for every converted module "
+            f"(torch_moe_quant.calibrate_activation_scales computes a pair for one layer)"
         )
     pair = activation_scales[fqn]
     if not isinstance(pair, (tuple, list)) or len(pair) != 2:
@@ -515,8 +591,9 @@ def quantize_(
         activation: override the detected activation of every converted module.
         pad_to: zero-pad H and I up to a multiple of ``lcm(pad_to, block)``
             when the scheme's block does not divide them (see ``quantize_experts``).
-        activation_scales: ``{fqn: (a13_scale, a2_scale)}``, required by (and
-            only accepted for) static-activation schemes.
+        activation_scales: ``{fqn: (a13_scale, a2_scale)}``, only accepted for
+            static-activation schemes, which need them for every module
+            ``calibrate_`` has not calibrated.
         progress: ``"auto"`` (a tqdm bar from 8 modules), ``"always"``, ``"never"``.
 
     Returns:
@@ -524,11 +601,12 @@ def quantize_(
         of the expert weights before and after.
 
     Raises:
-        ValueError / TypeError naming the module. Configuration errors
-        (activation, layout, dtypes, sizes and padding, static scales) are
-        raised before the model is modified; a value error found while
-        quantizing (e.g. non-finite weights for the integer formats) names the
-        modules already converted.
+        ValueError / TypeError naming the module. Every module is planned and
+        checked before any is converted (activation, layout, dtypes, sizes
+        and padding; static scales finite and > 0; float weights finite and in
+        range), and converted modules are swapped in only when all of them
+        converted: after an error of any kind the model (its module tree and
+        its ``state_dict``) is exactly as it was.
     """
     scheme = get_scheme(scheme)
     try:
@@ -547,9 +625,11 @@ def quantize_(
         flags = fused_flags(found.fqn, found.module) if found.kind is ExpertsKind.FUSED_3D else None
         gated = flags.has_gate if flags else True
         act = resolve_activation(found.fqn, found.module, gated, override=activation, config=config)
-        plan = _Plan(found, act, flags, _scales_for(found.fqn, scheme, activation_scales))
+        plan = _Plan(found, act, flags, _scales_for(found.fqn, found.module, scheme, activation_scales))
         _dry_run(plan, scheme, pad_to)
         plans.append(plan)
+    for plan in plans:  # values only once every module's configuration passed
+        _check_values(plan, scheme)
     if activation_scales is not None:
         unknown = sorted(set(activation_scales) - {p.found.fqn for p in plans})
         if unknown:
@@ -558,9 +638,18 @@ def quantize_(
                 f"converted: {[p.found.fqn for p in plans]}"
             )
     if not plans:
+        quantized = _already_quantized(model, filter_fn)
+        if quantized:
+            raise ValueError(
+                f"the model's experts are already quantized ({', '.join(quantized)}); quantize_ converts "
+                f"float experts only: start again from the float model to use {scheme.name}"
+            )
         logger.warning("quantize_(%s): no MoE expert modules found; the model is unchanged", scheme.name)
 
-    converted, before, after = [], 0, 0
+    # Convert every module first, then swap them in: an error of any kind
+    # while converting leaves the model exactly as it was. (Peak memory is
+    # the same as swapping one by one: the plans hold the float modules.)
+    new_modules, before, after = [], 0, 0
     with torch.no_grad():
         for plan in _progress(plans, progress, f"quantize_ {scheme.name}"):
             fe = _read(plan)
@@ -570,16 +659,24 @@ def quantize_(
                     w13_bias=fe.w13_bias, w2_bias=fe.w2_bias, layout=fe.layout,
                     a13_scale=plan.scales[0], a2_scale=plan.scales[1], pad_to=pad_to,
                 )
-            except (ValueError, TypeError) as e:  # value checks (e.g. non-finite weights)
-                raise type(e)(
-                    f"experts at {plan.found.fqn!r}: {e} (already converted: {converted})"
-                ) from e
+            except (ValueError, TypeError) as e:
+                raise type(e)(f"experts at {plan.found.fqn!r}: {e} (the model is unchanged)") from e
+            del fe
             cls = TransformersQuantizedExperts if plan.found.kind is ExpertsKind.FUSED_3D else QuantizedExpertList
             new = cls(experts, plan.activation)
             before += _module_bytes(plan.found.module)
             after += new.nbytes
+            new_modules.append(new)
+    swapped = []
+    try:
+        for plan, new in zip(plans, new_modules):
             _set_submodule(model, plan.found.fqn, new)
-            converted.append(plan.found.fqn)
+            swapped.append(plan)
+    except BaseException:
+        for plan in reversed(swapped):
+            _set_submodule(model, plan.found.fqn, plan.found.module)
+        raise
+    converted = [plan.found.fqn for plan in plans]
     summary = QuantizeSummary(scheme.name, tuple(converted), before, after)
     logger.info("%s", summary)
     return summary
