@@ -8,9 +8,13 @@ expert index wins**, and the k selected experts are ordered by descending
 score, ties by ascending index. ``torch.topk`` does not promise this, so the
 reference selects with a stable descending sort.
 
-NaN policy: a NaN router logit (or correction bias) raises ``ValueError`` in
-eager mode; under ``torch.compile`` and on fake tensors the check is skipped
-(it would need the values), and NaN scores sort as the largest values, as in ``torch.sort``.
+NaN / inf policy: a NaN or +inf router logit, a token whose logits are all
+-inf (each would give NaN weights), or a NaN correction bias raises
+``ValueError`` in eager mode (one host sync reads the three flags); a -inf
+logit beside finite ones is a masked expert and is fine. Under
+``torch.compile``, in CUDA graph capture and on fake tensors the check is
+skipped (it would need the values), and NaN scores sort as the largest
+values, as in ``torch.sort``.
 """
 
 from __future__ import annotations
@@ -64,8 +68,29 @@ def check_route_args(router_logits, top_k, num_experts_hint=None):
     E = router_logits.shape[1]
     if not isinstance(top_k, int) or isinstance(top_k, bool) or not 1 <= top_k <= E:
         raise ValueError(f"top_k must be an int in [1, num_experts={E}], got {top_k!r}")
-    if values_available(router_logits) and torch.isnan(router_logits).any():
+    if values_available(router_logits) and router_logits.numel():
+        _check_logit_values(router_logits)
+
+
+def _check_logit_values(router_logits: torch.Tensor) -> None:
+    """NaN, +inf, or a token whose logits are all -inf give NaN weights under
+    softmax (and an arbitrary choice of experts): rejected, with one read of
+    three flags (the same single host sync as the NaN check alone). A -inf
+    logit next to finite ones is a masked expert and fine."""
+    flags = torch.stack([
+        router_logits.isnan().any(),
+        router_logits.isposinf().any(),
+        router_logits.isneginf().all(dim=-1).any(),
+    ]).tolist()
+    if flags[0]:
         raise ValueError("router_logits contains NaN")
+    if flags[1]:
+        raise ValueError("router_logits contains +inf (the routing weights would be NaN)")
+    if flags[2]:
+        raise ValueError(
+            "router_logits has a token whose logits are all -inf (no expert can be chosen; "
+            "the routing weights would be NaN)"
+        )
 
 
 def route(
