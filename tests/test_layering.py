@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+import re
 from pathlib import Path
 from typing import Dict, List, Optional, Set, Tuple
 
@@ -289,6 +290,26 @@ def test_no_import_cycles():
 
 def test_every_module_is_on_the_drawing():
     assert sorted({_unit(m) for m in MODULES if _row(_unit(m)) is None}) == []
+
+
+def test_readme_drawing_is_layers():
+    """The README's "Layout" drawing has the rows of ``LAYERS`` (top row first)."""
+    text = (PACKAGE_DIR.parent / "README.md").read_text()
+    block = text[text.index("- Layout:"):]
+    block = block[block.index("```") + 3:]
+    block = block[: block.index("```")]
+    rows = []
+    for line in block.splitlines():
+        if not line.strip() or line.strip().startswith("↓"):
+            continue
+        names = []
+        for token in line.split():
+            if not re.fullmatch(r"\w+(\.py|/)", token):
+                break
+            name = token[:-3] if token.endswith(".py") else token[:-1]
+            names.append(ROOT if name == "__init__" else name)
+        rows.append(tuple(sorted(names)))
+    assert rows[::-1] == [tuple(sorted(row)) for row in LAYERS]
 
 
 def test_layers_point_down():
