@@ -10,7 +10,8 @@ implementation). For every scheme the demo
   ``grouped_mm`` experts into ``moe_quant.experts_bf16``, then fuse the two
   into the whole-block op ``moe_quant.moe_bf16``;
 * any other scheme: quantizes the experts in place with
-  ``torch_moe_quant.quantize_`` (the experts module then calls
+  ``torch_moe_quant.quantize_`` (static-activation schemes after
+  ``torch_moe_quant.calibrate_`` on four sample batches; the experts module then calls
   ``moe_quant.experts_<scheme>``), the router is still rewritten and the
   pair fused into ``moe_quant.moe_<scheme>``;
 
@@ -39,7 +40,7 @@ import torch_moe_quant as tmq
 from torch_moe_quant.nn.quantize import _module_bytes
 from torch_moe_quant.tools.accuracy import sqnr_db
 
-DEFAULT_SCHEMES = ("bf16", "fp8_w8a8_channel_token", "int4_w4a16_g128", "mxfp4_w4a16")
+DEFAULT_SCHEMES = ("bf16", "fp8_w8a8_channel_token", "fp8_w8a8_tensor_static", "int4_w4a16_g128", "mxfp4_w4a16")
 
 
 def build_model(hidden: int, intermediate: int, experts: int, top_k: int, layers: int, device):
@@ -133,11 +134,13 @@ def main(argv=None) -> None:
     with torch.no_grad():
         ref = base(ids).logits.float()
         for name in args.schemes:
-            if tmq.get_scheme(name).static_activation:
-                print(f"{name:<24}skipped: static activation scales need calibration data "
-                      f"(quantize_(..., activation_scales=...)); the demo runs dynamic schemes")
-                continue
             model = base if name == "bf16" else copy.deepcopy(base)
+            if tmq.get_scheme(name).static_activation:
+                # static activation scales from sample batches (other tokens than the measured ones)
+                g = torch.Generator().manual_seed(2)
+                calib = [torch.randint(0, base.config.vocab_size, (1, args.tokens), generator=g).to(device)
+                         for _ in range(4)]
+                tmq.calibrate_(model, calib)
             if name != "bf16":
                 tmq.quantize_(model, name, progress="never")
             eager = model(ids).logits.float()
