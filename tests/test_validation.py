@@ -460,3 +460,29 @@ def test_non_finite_activation_stays_in_its_token(scheme, bad):
     keep = torch.arange(M) != 1
     assert torch.equal(out[keep], clean[keep])
     assert torch.isfinite(clean).all()
+
+
+# --- 5. the same checks on quantized weights given to quantize_experts ------------
+
+def test_5_quantized_weights_are_value_checked_at_construction():
+    import dataclasses
+
+    w13, w2, x, w, ids = _layer(h=128, inter=128)
+    mx = tmq.quantize_experts(w13, w2, "mxfp4_w4a16")
+    bad = mx.w13.scale.clone()
+    bad[1, 4, 2] = 255
+    with pytest.raises(ValueError, match=r"w13\.scale holds the e8m0 NaN byte 255 \(1 of \d+, first at index \(1, 4, 2\)\)"):
+        tmq.quantize_experts(dataclasses.replace(mx.w13, scale=bad), mx.w2, "mxfp4_w4a16")
+    act = tmq.quantize_experts(w13, w2, "int4_w4a16_gptq_g128_actorder")
+    g_idx = act.w2.g_idx.clone()
+    g_idx[0, 3] = 1  # only one group of 128 along K = 128
+    with pytest.raises(ValueError, match=r"w2\.g_idx must lie in \[0, 1\)"):
+        tmq.quantize_experts(act.w13, dataclasses.replace(act.w2, g_idx=g_idx), "int4_w4a16_gptq_g128_actorder")
+    fp8 = tmq.quantize_experts(w13, w2, "fp8_w8a16_channel")
+    neg = fp8.w2.scale.clone()
+    neg[0, 0, 0] = -neg[0, 0, 0]
+    with pytest.raises(ValueError, match=r"w2\.scale must be finite and > 0"):
+        tmq.quantize_experts(fp8.w13, dataclasses.replace(fp8.w2, scale=neg), "fp8_w8a16_channel")
+    # the ops rebuild their experts per call without reading values (no host sync)
+    out = _direct(dataclasses.replace(fp8, w2=dataclasses.replace(fp8.w2, scale=neg)), x, w, ids)
+    assert out.shape == x.shape
