@@ -60,7 +60,7 @@ from torch import nn
 from ..activations import SWIGLU_LIMIT, SWIGLUOAI_ALPHA, Activation, GateUpLayout, as_activation
 from ..experts import _check_static_scales, check_float_weights, quantize_experts
 from ..formats.core import Format, values_available
-from ..schemes import Scheme, get_scheme
+from ..schemes import Scheme, ZeroPoint, get_scheme
 from .modules import QuantizedExpertList, QuantizedExpertsModule, TransformersQuantizedExperts
 
 logger = logging.getLogger(__name__)
@@ -481,8 +481,9 @@ def _check_values(plan: _Plan, scheme: Scheme) -> None:
             _check_static_scales(scheme, plan.scales[0], plan.scales[1], device)
         for name, t in _float_tensors(plan):
             check_float_weights(scheme, **{name: t})
-            if scheme.weight.fmt in _INTEGER_FORMATS and t.numel() and values_available(t):
-                limit = _INTEGER_FORMATS[scheme.weight.fmt] * torch.finfo(torch.float32).max
+            fraction = _integer_range(scheme)
+            if fraction is not None and t.numel() and values_available(t):
+                limit = fraction * torch.finfo(torch.float32).max
                 amax = float(t.detach().abs().amax())
                 if amax > limit:
                     raise ValueError(
@@ -493,9 +494,15 @@ def _check_values(plan: _Plan, scheme: Scheme) -> None:
         raise type(e)(f"experts at {fqn!r}: {e}") from e
 
 
-#: the fraction of float32's max that the integer formats' quantizers accept
-#: (``formats.int4`` / ``formats.int8``: asymmetric int4 is the tightest)
-_INTEGER_FORMATS = {Format.INT4: 0.5, Format.INT8: 127.5 / 128}
+def _integer_range(scheme: Scheme) -> Optional[float]:
+    """The fraction of float32's max the scheme's integer weight quantizer
+    accepts (``formats.int4`` / ``formats.int8``), None for other formats."""
+    w = scheme.weight
+    if w.fmt is Format.INT8:
+        return 127.5 / 128
+    if w.fmt is Format.INT4:
+        return 0.5 if w.zero_point is ZeroPoint.ASYMMETRIC else 7.5 / 8
+    return None
 
 
 def _float_tensors(plan: _Plan):
