@@ -61,13 +61,6 @@ ALLOWED: Dict[Tuple[str, str], str] = {
     # _gemm_kernel): a circle. Both import them from kernels._enums instead
     # (moe_gemm drops its own copies). To be removed by the decode-kernel work.
     (f"{ROOT}.kernels._gemm_kernel", f"{ROOT}.kernels.moe_gemm"): "launcher <-> kernel circle",
-    # quantize_ (``_scales_for``) imports activation_range / scales_from_range
-    # from nn.calibrate, which imports nn.quantize (find_experts, fused_flags,
-    # read_fused, ...): a circle. Moving RANGE_ATTR, ActivationRange,
-    # activation_range and scales_from_range into a module both import (e.g.
-    # nn/_ranges.py; calibrate re-exports them) removes it. To be removed by
-    # the calibration work (commit 0666852, still in progress).
-    (f"{ROOT}.nn.quantize", f"{ROOT}.nn.calibrate"): "calibrate <-> quantize circle",
 }
 
 #: What kernel modules must never import (besides private helpers of other packages).

@@ -30,14 +30,12 @@ The model runs as it is (``eval()`` it first for inference statistics) under
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, Dict, Iterable, Mapping, Optional, Tuple
+from typing import Callable, Dict, Iterable, Mapping, Optional
 
 import torch
 from torch import nn
 
-from .. import formats
-from ..formats.core import Format
-from ..schemes import Scheme
+from ._ranges import RANGE_ATTR, ActivationRange, activation_range, record_range, scales_from_range
 from .quantize import (
     ExpertsKind,
     FilterFn,
@@ -48,58 +46,8 @@ from .quantize import (
     resolve_activation,
 )
 
-#: attribute of an experts module holding its ``ActivationRange``
-RANGE_ATTR = "_moe_quant_activation_range"
-
-
-@dataclasses.dataclass(frozen=True)
-class ActivationRange:
-    """Absolute maxima of the two expert GEMM inputs of one module (fp32 scalars)."""
-
-    a13_amax: torch.Tensor
-    a2_amax: torch.Tensor
-    tokens: int
-
-    def merged(self, a13: torch.Tensor, a2: torch.Tensor, tokens: int) -> "ActivationRange":
-        return ActivationRange(
-            torch.maximum(self.a13_amax, a13), torch.maximum(self.a2_amax, a2), self.tokens + tokens
-        )
-
-
-def activation_range(module: nn.Module) -> Optional[ActivationRange]:
-    """The range ``calibrate_`` recorded on ``module`` (None if none)."""
-    return module.__dict__.get(RANGE_ATTR)
-
-
-def _record(module: nn.Module, a13: torch.Tensor, a2: torch.Tensor, tokens: int) -> None:
-    a13, a2 = a13.detach().float().reshape(()), a2.detach().float().reshape(())
-    old = activation_range(module)
-    module.__dict__[RANGE_ATTR] = ActivationRange(a13, a2, tokens) if old is None else old.merged(a13, a2, tokens)
-
-
 def _amax(t: torch.Tensor) -> torch.Tensor:
     return t.detach().abs().amax().float() if t.numel() else torch.zeros((), device=t.device)
-
-
-def scales_from_range(scheme: Scheme, r: ActivationRange, name: str) -> Tuple[torch.Tensor, torch.Tensor]:
-    """``(a13_scale, a2_scale)`` of a static-activation ``scheme`` for the
-    recorded range: the per-tensor scale the activation format computes for a
-    tensor whose absolute maximum is the recorded one (fp32 ``[1, 1]``)."""
-    spec = scheme.activation
-    out = []
-    for which, amax in (("a13", r.a13_amax), ("a2", r.a2_amax)):
-        if not bool(torch.isfinite(amax)):
-            raise ValueError(
-                f"{name}: the calibrated {which} range is {float(amax)} (the sample batches produced "
-                f"NaN or inf activations); calibrate on finite inputs"
-            )
-        if spec.fmt is Format.NVFP4:  # the global scale of a 16-wide block holding amax
-            probe = amax.reshape(1, 1).expand(1, 16)
-            out.append(formats.quantize(probe, spec.fmt).global_scale.reshape(1, 1).float())
-        else:
-            probe = amax.reshape(1, 1)
-            out.append(formats.quantize(probe, spec.fmt, "tensor").scale.reshape(1, 1).float())
-    return out[0], out[1]
 
 
 def _fused_hook(fqn: str, module: nn.Module, config) -> Callable:
@@ -133,7 +81,7 @@ def _fused_hook(fqn: str, module: nn.Module, config) -> Callable:
         )
         dataclasses.replace(problem, qdq13=lambda t: t, qdq2=keep).forward()
         a2 = torch.stack(seen).amax() if seen else torch.zeros((), device=x.device)
-        _record(mod, _amax(x), a2, x.shape[0])
+        record_range(mod, _amax(x), a2, x.shape[0])
 
     return hook
 
@@ -148,11 +96,11 @@ def _linear_list_hooks(module: nn.ModuleList):
 
         def first(mod, args):
             x = args[0]
-            _record(module, _amax(x), torch.zeros((), device=x.device), x.reshape(-1, x.shape[-1]).shape[0])
+            record_range(module, _amax(x), torch.zeros((), device=x.device), x.reshape(-1, x.shape[-1]).shape[0])
 
         def second(mod, args):
             x = args[0]
-            _record(module, torch.zeros((), device=x.device), _amax(x), 0)
+            record_range(module, torch.zeros((), device=x.device), _amax(x), 0)
 
         handles.append(getattr(expert, gate).register_forward_pre_hook(first))
         handles.append(getattr(expert, down).register_forward_pre_hook(second))
@@ -220,4 +168,4 @@ def calibrate_(
     return {f.fqn: activation_range(f.module) for f in found if activation_range(f.module) is not None}
 
 
-__all__ = ["ActivationRange", "activation_range", "calibrate_", "scales_from_range"]
+__all__ = ["RANGE_ATTR", "ActivationRange", "activation_range", "calibrate_", "scales_from_range"]

@@ -61,6 +61,7 @@ from ..activations import SWIGLU_LIMIT, SWIGLUOAI_ALPHA, Activation, GateUpLayou
 from ..experts import _check_static_scales, check_float_weights, quantize_experts
 from ..formats.core import Format, values_available
 from ..schemes import Scheme, ZeroPoint, get_scheme
+from ._ranges import activation_range, scales_from_range
 from .modules import QuantizedExpertList, QuantizedExpertsModule, TransformersQuantizedExperts
 
 logger = logging.getLogger(__name__)
@@ -539,8 +540,6 @@ def _scales_for(
 ) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
     """The static scales of one module: ``activation_scales[fqn]`` if given,
     else those of the range ``calibrate_`` recorded on the module."""
-    from .calibrate import activation_range, scales_from_range
-
     if not scheme.static_activation:
         return None, None
     if activation_scales is None or fqn not in activation_scales:
