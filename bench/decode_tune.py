@@ -24,7 +24,7 @@ mg = importlib.import_module("torch_moe_quant.kernels.moe_gemm")
 sys.path.insert(0, "bench")
 from moe_bench import SHAPES, Timer, copy_bandwidth  # noqa: E402
 
-VARIANTS = [(64, 4, 4), (64, 4, 6), (64, 4, 2), (128, 4, 4), (128, 8, 4), (128, 4, 6)]
+VARIANTS = [(32, 2, 4), (64, 4, 4), (128, 4, 3), (128, 4, 4), (128, 4, 6), (128, 8, 4), (256, 8, 4)]
 
 
 def main() -> int:

@@ -38,7 +38,7 @@ SCHEMES = [
     "mxfp4_w4a8_mxfp8",
 ]
 _TYPES = {
-    torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.int32: "i32",
+    torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.int32: "i32", torch.int16: "i16",
     torch.int64: "i64", torch.uint8: "u8", torch.int8: "i8", torch.float8_e4m3fn: "fp8e4nv",
 }
 _LAUNCH_OPTIONS = ("num_warps", "num_stages")

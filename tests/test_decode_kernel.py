@@ -157,10 +157,10 @@ def test_decode_blocker_names_the_reason(weight, act, dtype, match):
 def test_auto_takes_decode_only_at_decode_sizes():
     op = WeightOperand.of(_weight("mxfp4"))
     cpu = torch.device("cpu")
-    assert mg.decode_order(op, None, TILE, torch.float16, cpu) == mg.KOrder(2)
+    assert mg.decode_order(op, None, TILE, torch.float16, cpu) == mg.KOrder(8, 8)
     big = KernelConfig(block_m=64, block_n=64, block_k=64)
     assert mg.decode_order(op, None, big, torch.float16, cpu) == mg.NATURAL
-    assert mg.decode_order(op, None, big, torch.float16, cpu, mg.GemmKernel.DECODE) == mg.KOrder(2)
+    assert mg.decode_order(op, None, big, torch.float16, cpu, mg.GemmKernel.DECODE) == mg.KOrder(8, 8)
     with pytest.raises(TypeError, match="kernel must be a GemmKernel"):
         mg.decode_order(op, None, TILE, torch.float16, cpu, "decode")
 

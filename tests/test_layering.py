@@ -47,20 +47,11 @@ LAYERS: Tuple[Tuple[str, ...], ...] = (
 #: the import. The test fails when an entry no longer occurs, so the list
 #: cannot go stale.
 ALLOWED: Dict[Tuple[str, str], str] = {
-    # moe_gemm_ref dequantizes with reference.dequantize_weight, which is now
-    # experts.dequantize_weight (reference re-exports it): importing it from
-    # ..experts removes this. To be removed by the decode-kernel work.
-    (f"{ROOT}.kernels.moe_gemm", f"{ROOT}.reference"): "moe_gemm imports reference.dequantize_weight",
     # fused_experts_triton validates its call with reference.validate_call, a
     # third check of tensors moe.fused_moe and the op already checked (issue
     # 19: validate once): the op's CUDA kernel passes validated inputs and the
     # launcher checks nothing. To be removed by the decode-kernel work.
     (f"{ROOT}.kernels.fused_experts", f"{ROOT}.reference"): "fused_experts imports reference.validate_call",
-    # _gemm_kernel reads ARows, DotKind, EpilogueAct from its launcher
-    # moe_gemm, which imports _gemm_kernel (and _decode_kernel, which imports
-    # _gemm_kernel): a circle. Both import them from kernels._enums instead
-    # (moe_gemm drops its own copies). To be removed by the decode-kernel work.
-    (f"{ROOT}.kernels._gemm_kernel", f"{ROOT}.kernels.moe_gemm"): "launcher <-> kernel circle",
 }
 
 #: What kernel modules must never import (besides private helpers of other packages).

@@ -9,26 +9,35 @@ weight tile is the *left* operand of ``tl.dot``, which Hopper's wgmma reads
 from registers (no shared-memory round trip of the decoded values), and the
 few token rows of a decode block are the narrow N side of the instruction.
 
-Packed codes are never reshaped. A K tile is split by *nibble position*
-instead: nibble ``j`` of every int4 word (``k = 8w + j``) forms a
-``[BLOCK_N, BLOCK_K / 8]`` sub-tile, decoded in place, and its dot reads the
-activation columns of those ``k``. The activations come in the weight's
-packing order (``moe_gemm.KOrder``: natural column ``8w + j`` of a 128-column
-span at position ``16j + w``), so each sub-tile's columns are contiguous and
-their loads pipeline like any dot operand: ``sum_k W[n, k] a[k] = sum_j sum_w
-W[n, 8w + j] a[8w + j]`` is eight dots with no layout change. fp4 bytes split
-into their low (even k) and high (odd k) nibbles the same way, per 32-column
-chunk (``KOrder(2)``). On CUDA the decode is PTX working on packed registers
-(``_int4_split_asm``, ``_fp4_split_asm``: a few ``lop3`` / ``prmt`` per two
-values); under the interpreter the same values come from plain shifts and
-masks (``ASM=False``).
+Packed codes are never reshaped in a way that moves data. Both formats are
+read as int32 words of eight 4-bit codes (int4 nibbles, or two e2m1 codes
+per byte in the checkpoint's byte order), ``SUB = BLOCK_K / 8`` words per
+row and K tile. Code ``j`` of every word forms a ``[BLOCK_N, SUB]``
+sub-tile, decoded in place; the eight sub-tiles are joined side by side
+along K (``_cat8``), which on the wgmma register-operand layout only renames
+registers (each sub-tile already is one K slice of that layout: SASS shows
+no shuffles and no shared-memory staging). Column ``j * SUB + w`` of the
+joined tile is natural column ``8w + j``, so the activations come in that
+order (``moe_gemm.KOrder(8, SUB)``; GEMM1's epilogue writes GEMM2's order),
+one contiguous ``[BLOCK_K, BLOCK_M]`` block per tile, and each K tile is a
+single dot. On CUDA the decode is PTX on packed registers
+(``_int4_split_asm``: ``lop3`` + packed ``sub.bf16x2``; ``_fp4_words_asm``:
+``prmt`` tables); under the interpreter plain shifts and masks (``ASM=False``).
 
-Scales: int4 with a scale per column or per K tile (groups that are
-multiples of ``BLOCK_K``) scales the fp32 partial product of the tile; MX
-(e8m0, groups of 32 = one 16-byte chunk) scales the fp32 partial product of
-each chunk; nvfp4 (e4m3, groups of 16) multiplies the decoded bf16 sub-tile
-by its block scale (exact: e2m1 x e4m3 has at most 6 significant bits) and
-divides by the global scale in the epilogue. All exact, as the reference.
+Scales: int4 per column (epilogue) or per K tile (groups that are multiples
+of ``BLOCK_K``: the tile's fp32 product is scaled). fp4 block scales (MX
+e8m0 per 32 columns, nvfp4 e4m3 per 16: G = 2 or 4 per 64-column tile) are
+applied to fp32 partial products too: the dot runs against G copies of the
+activation block, copy g zero outside group g's columns, and the G column
+blocks of its result are scaled and summed; nvfp4's global scale divides in
+the epilogue. All exact, as the reference. (Multiplying the decoded bf16
+tile by per-word scales instead made Triton 3.6 stage it through shuffles or
+shared memory.)
+
+Instruction counts per K tile and warp (sm_90 SASS, 128 rows, 4 warps):
+int4 313 for 8 KiB of codes (was 469 with eight dots of K = 16 per tile and
+a wgmma wait after each); fp4 ~370 for 4 KiB (the e2m1 table decode costs
+about 2.5 instructions per value against int4's 1.5).
 """
 
 from __future__ import annotations
@@ -37,7 +46,7 @@ import triton
 import triton.language as tl
 
 from ._gemm_kernel import (
-    _EL_FP4, _EL_INT4, _SC_E4M3, _SM_PER_COLUMN, _SM_PER_K_TILE, _decode_scale, _e4m3_to_f32,
+    _EL_INT4, _SM_PER_COLUMN, _SM_PER_GROUP, _SM_PER_K_TILE, _decode_scale,
     epilogue_store, tile_cols, tile_rows,
 )
 
@@ -88,46 +97,60 @@ def _int4_split_asm(words):
     )
 
 
-@triton.jit
-def _fp4_split_asm(packed):
-    """uint8 bytes (two e2m1 codes, even k in the low nibble) -> (low, high)
-    bf16 tensors of the same shape, exact. Four bytes per call: the 3-bit
-    magnitudes index two 8-byte ``prmt`` tables (low and high bytes of the
-    bf16 of 0, 0.5, 1, 1.5, 2, 3, 4, 6), a ``prmt`` pairs them into bf16x2 of
-    two bytes' same nibble, and the sign bit is moved in with one ``prmt``
-    and one ``lop3``."""
-    return tl.inline_asm_elementwise(
-        asm="""
-        {
-        .reg .b32 m, mh, hb, lb, hb2, lb2, s4, sg;
-        and.b32 m, $4, 0x77777777;
+#: the e2m1 decode of the four nibbles of the low 16 bits of ``x`` (``m`` = magnitudes, ``s4`` = x << 4),
+#: into ``o0`` = (nibble 0, nibble 2) ... as in ``_fp4_split_asm``; the PTX is pasted twice below
+_E2M1_QUAD = """
+        and.b32 m, {x}, 0x77777777;
         shr.u32 mh, m, 16;
         prmt.b32 hb, 0x3f3f3f00, 0x40404040, m;
         prmt.b32 lb, 0xc0800000, 0xc0804000, m;
         prmt.b32 hb2, 0x3f3f3f00, 0x40404040, mh;
         prmt.b32 lb2, 0xc0800000, 0xc0804000, mh;
-        shl.b32 s4, $4, 4;
-        prmt.b32 $0, lb, hb, 0x6240;
+        shl.b32 s4, {x}, 4;
+        prmt.b32 {o0}, lb, hb, 0x6240;
         prmt.b32 sg, s4, 0, 0x1404;
-        lop3.b32 $0, sg, 0x80008000, $0, 0xea;
-        prmt.b32 $1, lb2, hb2, 0x6240;
+        lop3.b32 {o0}, sg, 0x80008000, {o0}, 0xea;
+        prmt.b32 {o2}, lb2, hb2, 0x6240;
         prmt.b32 sg, s4, 0, 0x3424;
-        lop3.b32 $1, sg, 0x80008000, $1, 0xea;
-        prmt.b32 $2, lb, hb, 0x7351;
-        prmt.b32 sg, $4, 0, 0x1404;
-        lop3.b32 $2, sg, 0x80008000, $2, 0xea;
-        prmt.b32 $3, lb2, hb2, 0x7351;
-        prmt.b32 sg, $4, 0, 0x3424;
-        lop3.b32 $3, sg, 0x80008000, $3, 0xea;
-        }
-        """,
-        constraints="=r,=r,=r,=r,r",
-        args=[packed],
-        dtype=(tl.bfloat16, tl.bfloat16),
-        is_pure=True,
-        pack=4,
-    )
+        lop3.b32 {o2}, sg, 0x80008000, {o2}, 0xea;
+        prmt.b32 {o1}, lb, hb, 0x7351;
+        prmt.b32 sg, {x}, 0, 0x1404;
+        lop3.b32 {o1}, sg, 0x80008000, {o1}, 0xea;
+        prmt.b32 {o3}, lb2, hb2, 0x7351;
+        prmt.b32 sg, {x}, 0, 0x3424;
+        lop3.b32 {o3}, sg, 0x80008000, {o3}, 0xea;
+"""
 
+_FP4_WORDS_PTX = tl.constexpr(
+    """
+    {
+    .reg .b32 x, y, m, mh, hb, lb, hb2, lb2, s4, sg;
+    prmt.b32 x, $8, $9, 0x5140;
+    prmt.b32 y, $8, $9, 0x7362;
+    """
+    + _E2M1_QUAD.format(x="x", o0="$0", o1="$1", o2="$2", o3="$3")
+    + _E2M1_QUAD.format(x="y", o0="$4", o1="$5", o2="$6", o3="$7")
+    + "}"
+)
+
+@triton.jit
+def _fp4_words_asm(words):
+    """int32 words of eight e2m1 codes (code ``j`` in nibble ``j``, the
+    checkpoint's byte order) -> 8 bf16 tensors of the same shape, exact:
+    output ``j`` holds code ``j`` of each word. Two words A, B per call: one
+    ``prmt`` pairs their bytes 0, 1 (``x`` = A.b0 B.b0 A.b1 B.b1, whose low
+    nibbles are codes A0 A1 B0 B1) and one their bytes 2, 3; each 16-bit
+    quarter then decodes as in ``_fp4_split_asm`` (two 8-byte ``prmt``
+    tables for the bf16 bytes of the magnitudes, a ``prmt`` pairing A's and
+    B's code ``j`` into one bf16x2, the sign moved in by ``prmt`` + ``lop3``)."""
+    return tl.inline_asm_elementwise(
+        asm=_FP4_WORDS_PTX,
+        constraints="=r,=r,=r,=r,=r,=r,=r,=r,r,r",
+        args=[words],
+        dtype=(tl.bfloat16,) * 8,
+        is_pure=True,
+        pack=2,
+    )
 
 @triton.jit
 def _e2m1_to_f32(code):
@@ -141,16 +164,68 @@ def _e2m1_to_f32(code):
 
 
 @triton.jit
-def _int4_sub_tile(words, j: tl.constexpr, COMPUTE: tl.constexpr):
-    """Plain-Triton decode of nibble ``j`` (interpreter path of ``_int4_split_asm``)."""
-    return (((words >> (4 * j)) & 15) - 8).to(COMPUTE)
+def _code(words, j: tl.constexpr, ELEMENT: tl.constexpr, COMPUTE: tl.constexpr):
+    """Plain-Triton decode of code ``j`` of each word (the interpreter's path)."""
+    c = (words >> (4 * j)) & 15
+    if ELEMENT == _EL_INT4:
+        return (c - 8).to(COMPUTE)
+    return _e2m1_to_f32(c).to(COMPUTE)
 
 
 @triton.jit
-def _gather_a_t(a_ptrs_t, offs_k, K, row_ok, stride_ak):
+def _codes8(words, ELEMENT: tl.constexpr, COMPUTE: tl.constexpr):
+    return (
+        _code(words, 0, ELEMENT, COMPUTE), _code(words, 1, ELEMENT, COMPUTE), _code(words, 2, ELEMENT, COMPUTE),
+        _code(words, 3, ELEMENT, COMPUTE), _code(words, 4, ELEMENT, COMPUTE), _code(words, 5, ELEMENT, COMPUTE),
+        _code(words, 6, ELEMENT, COMPUTE), _code(words, 7, ELEMENT, COMPUTE),
+    )
+
+
+@triton.jit
+def _cat8(w0, w1, w2, w3, w4, w5, w6, w7, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Eight ``[BLOCK_N, SUB]`` tiles side by side along K (``w_j`` at columns
+    ``j * SUB ...``). On the wgmma register-operand layout this is a renaming
+    of registers: each sub-tile already holds one K = SUB slice of the
+    operand's layout, so the joins and the reshape compile to no data movement
+    (no shared-memory round trip in the SASS)."""
+    t = tl.join(tl.join(tl.join(w0, w1), tl.join(w2, w3)), tl.join(tl.join(w4, w5), tl.join(w6, w7)))
+    return tl.reshape(tl.permute(t, (0, 4, 3, 2, 1)), (BLOCK_N, BLOCK_K))
+
+
+@triton.jit
+def _scale_byte(sword, g: tl.constexpr, SCALE_CODEC: tl.constexpr, FP8_NATIVE: tl.constexpr):
+    """Scale byte ``g`` of each row's packed scale word, decoded to fp32: ``[BLOCK_N, 1]``."""
+    return _decode_scale(((sword >> (8 * g)) & 0xFF).to(tl.uint8), SCALE_CODEC, FP8_NATIVE)[:, None]
+
+
+@triton.jit
+def _scaled_group_sum(part, sword, G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
+                      SCALE_CODEC: tl.constexpr, FP8_NATIVE: tl.constexpr):
+    """``sum_g part[:, g * BLOCK_M + m] * scale_g[n]`` for G = 2 or 4 groups
+    (splits, not ``tl.sum``: that is a ``triton.language.standard`` function
+    the interpreter cannot call from here)."""
+    p = tl.permute(tl.reshape(part, (BLOCK_N, G, BLOCK_M)), (0, 2, 1))  # [BLOCK_N, BLOCK_M, G]
+    if G == 2:
+        p0, p1 = tl.split(p)
+        out = p0 * _scale_byte(sword, 0, SCALE_CODEC, FP8_NATIVE) + p1 * _scale_byte(sword, 1, SCALE_CODEC, FP8_NATIVE)
+    else:
+        tl.static_assert(G == 4)
+        p_even, p_odd = tl.split(tl.reshape(p, (BLOCK_N, BLOCK_M, 2, 2)))  # groups (0, 2) and (1, 3)
+        p0, p2 = tl.split(p_even)
+        p1, p3 = tl.split(p_odd)
+        out = (p0 * _scale_byte(sword, 0, SCALE_CODEC, FP8_NATIVE) + p1 * _scale_byte(sword, 1, SCALE_CODEC, FP8_NATIVE)
+               + p2 * _scale_byte(sword, 2, SCALE_CODEC, FP8_NATIVE) + p3 * _scale_byte(sword, 3, SCALE_CODEC, FP8_NATIVE))
+    return out
+
+
+@triton.jit
+def _gather_a_t(a_ptrs_t, offs_k, K, row_ok, stride_ak, EVEN_K: tl.constexpr):
     """``A^T[offs_k, rows]``: the activation rows of the block at columns
     ``offs_k`` (any stride), zero outside K and for masked rows."""
-    mask = (offs_k < K)[:, None] & row_ok[None, :]
+    if EVEN_K:
+        mask = row_ok[None, :]
+    else:
+        mask = (offs_k < K)[:, None] & row_ok[None, :]
     return tl.load(a_ptrs_t + offs_k[:, None] * stride_ak, mask=mask, other=0.0)
 
 
@@ -183,6 +258,8 @@ def moe_decode_kernel(
     ASM: tl.constexpr,
     OUT_PER_WORD: tl.constexpr,
     OUT_WORDS: tl.constexpr,
+    EVEN_N: tl.constexpr,
+    EVEN_K: tl.constexpr,
 ):
     # ---- tile coordinates: the N tiles of one row block are neighbours (its A rows stay in L1/L2)
     pid = tl.program_id(0)
@@ -205,64 +282,57 @@ def moe_decode_kernel(
     s_rows = scale_ptr + expert * stride_se + (offs_n // SCALE_BLOCK_N) * stride_sn  # [BLOCK_N]
     acc = tl.full((BLOCK_N, BLOCK_M), 0.0, tl.float32)
 
+    SUB: tl.constexpr = BLOCK_K // 8  # int32 words of 8 codes per row and K tile
+    G: tl.constexpr = BLOCK_K // SCALE_BLOCK_K if SCALE_MODE == _SM_PER_GROUP else 1  # block scales per row and K tile
+    if G > 1:
+        # Block scales smaller than the K tile (mxfp4: 2 per 64 columns, nvfp4: 4): the dot runs
+        # against G copies of the activation block side by side, copy g zero outside group g's
+        # columns, so its [BLOCK_N, G * BLOCK_M] result holds each group's partial product apart;
+        # they are scaled in fp32 and summed. Scaling the decoded bf16 values instead (a scale per
+        # word, a [BLOCK_N, SUB] tensor) made Triton 3.6 move the tile through shuffles or shared
+        # memory (SASS); this keeps the decoded tile the dot's register operand untouched.
+        offs_g = tl.arange(0, G * BLOCK_M)
+        pair_g, row_ok_g, a_row_g = tile_rows(sorted_ids_ptr, pid_m * BLOCK_M + offs_g % BLOCK_M, num_padded, num_pairs, TOP_K, A_ROWS)
+        a_ptrs_g = a_ptr + a_row_g[None, :] * stride_am
+        WPS: tl.constexpr = SCALE_BLOCK_K // 8  # words per block scale
+        in_group = (((tl.arange(0, BLOCK_K) % SUB) // WPS)[:, None] == (offs_g // BLOCK_M)[None, :]) & row_ok_g[None, :]
     for k0 in range(0, K, BLOCK_K):
-        if ELEMENT == _EL_INT4:
-            # one [BLOCK_N, BLOCK_K / 8] load of words; sub-tile j = nibble j = natural columns k0 + 8w + j
-            SUB: tl.constexpr = BLOCK_K // 8
-            offs_w = k0 // 8 + tl.arange(0, SUB)
+        offs_w = k0 // 8 + tl.arange(0, SUB)
+        if EVEN_N & EVEN_K:
+            words = tl.load(w_rows + offs_w[None, :] * stride_wk)
+        else:
             words = tl.load(w_rows + offs_w[None, :] * stride_wk, mask=n_ok[:, None] & (offs_w < K // 8)[None, :], other=0)
-            kk = k0 + tl.arange(0, SUB)  # sub-tile j reads permuted columns k0 + j * SUB + w
-            if ASM:
-                w0, w1, w2, w3, w4, w5, w6, w7 = _int4_split_asm(words)
+        # sub-tile j = code j of every word (natural column k0 + 8w + j)
+        if ASM:
+            if ELEMENT == _EL_INT4:
+                v0, v1, v2, v3, v4, v5, v6, v7 = _int4_split_asm(words)
             else:
-                w0 = _int4_sub_tile(words, 0, COMPUTE)
-                w1 = _int4_sub_tile(words, 1, COMPUTE)
-                w2 = _int4_sub_tile(words, 2, COMPUTE)
-                w3 = _int4_sub_tile(words, 3, COMPUTE)
-                w4 = _int4_sub_tile(words, 4, COMPUTE)
-                w5 = _int4_sub_tile(words, 5, COMPUTE)
-                w6 = _int4_sub_tile(words, 6, COMPUTE)
-                w7 = _int4_sub_tile(words, 7, COMPUTE)
-            part = tl.dot(w0, _gather_a_t(a_ptrs_t, kk + 0 * SUB, K, row_ok, stride_ak).to(COMPUTE))
-            part = tl.dot(w1, _gather_a_t(a_ptrs_t, kk + 1 * SUB, K, row_ok, stride_ak).to(COMPUTE), part)
-            part = tl.dot(w2, _gather_a_t(a_ptrs_t, kk + 2 * SUB, K, row_ok, stride_ak).to(COMPUTE), part)
-            part = tl.dot(w3, _gather_a_t(a_ptrs_t, kk + 3 * SUB, K, row_ok, stride_ak).to(COMPUTE), part)
-            part = tl.dot(w4, _gather_a_t(a_ptrs_t, kk + 4 * SUB, K, row_ok, stride_ak).to(COMPUTE), part)
-            part = tl.dot(w5, _gather_a_t(a_ptrs_t, kk + 5 * SUB, K, row_ok, stride_ak).to(COMPUTE), part)
-            part = tl.dot(w6, _gather_a_t(a_ptrs_t, kk + 6 * SUB, K, row_ok, stride_ak).to(COMPUTE), part)
-            part = tl.dot(w7, _gather_a_t(a_ptrs_t, kk + 7 * SUB, K, row_ok, stride_ak).to(COMPUTE), part)
+                v0, v1, v2, v3, v4, v5, v6, v7 = _fp4_words_asm(words)
+        else:
+            v0, v1, v2, v3, v4, v5, v6, v7 = _codes8(words, ELEMENT, COMPUTE)
+        # the eight sub-tiles side by side along K (column j * SUB + w = code j of word w: the
+        # KOrder(8, SUB) position of natural column 8w + j): one dot per K tile
+        wt = _cat8(v0, v1, v2, v3, v4, v5, v6, v7, BLOCK_N, BLOCK_K)
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        if G > 1:
+            if EVEN_K:
+                a_g = tl.load(a_ptrs_g + offs_k[:, None] * stride_ak, mask=in_group, other=0.0)
+            else:
+                a_g = tl.load(a_ptrs_g + offs_k[:, None] * stride_ak, mask=in_group & (offs_k < K)[:, None], other=0.0)
+            part = tl.dot(wt, a_g.to(COMPUTE))  # [BLOCK_N, G * BLOCK_M]: group g's product in columns g * BLOCK_M ...
+            # the tile's G scale bytes are one int16 / int32 per row (``scale_ptr`` is that view)
+            if EVEN_N:
+                sword = tl.load(s_rows + (k0 // BLOCK_K) * stride_sk).to(tl.int32)
+            else:
+                sword = tl.load(s_rows + (k0 // BLOCK_K) * stride_sk, mask=n_ok, other=0).to(tl.int32)
+            acc += _scaled_group_sum(part, sword, G, BLOCK_N, BLOCK_M, SCALE_CODEC, FP8_NATIVE)
+        else:
+            a_t = _gather_a_t(a_ptrs_t, offs_k, K, row_ok, stride_ak, EVEN_K).to(COMPUTE)
             if SCALE_MODE == _SM_PER_K_TILE:
                 s = _decode_scale(tl.load(s_rows + (k0 // SCALE_BLOCK_K) * stride_sk, mask=n_ok, other=0), SCALE_CODEC, FP8_NATIVE)
-                acc += part * s[:, None]
+                acc += tl.dot(wt, a_t) * s[:, None]
             else:
-                acc += part
-        elif ELEMENT == _EL_FP4:
-            # 16-byte chunks (32 values): low nibbles = even k, high = odd k; one MX group per chunk
-            CHUNKS: tl.constexpr = BLOCK_K // 32
-            for c in tl.static_range(CHUNKS):
-                offs_b = k0 // 2 + c * 16 + tl.arange(0, 16)
-                packed = tl.load(w_rows + offs_b[None, :] * stride_wk, mask=n_ok[:, None] & (offs_b < K // 2)[None, :], other=0)
-                if ASM:
-                    w_lo, w_hi = _fp4_split_asm(packed)
-                else:
-                    code = packed.to(tl.int32)
-                    w_lo = _e2m1_to_f32(code & 15).to(COMPUTE)
-                    w_hi = _e2m1_to_f32(code >> 4).to(COMPUTE)
-                kk = k0 + c * 32 + tl.arange(0, 16)  # permuted: low nibbles first, then high
-                if SCALE_CODEC == _SC_E4M3:
-                    # nvfp4: groups of 16 = 8 bytes; fold the block scale into the decoded values (exact)
-                    s = tl.load(s_rows[:, None] + (offs_b // 8)[None, :] * stride_sk, mask=n_ok[:, None], other=0)
-                    s = _e4m3_to_f32(s, FP8_NATIVE).to(COMPUTE)
-                    w_lo = w_lo * s
-                    w_hi = w_hi * s
-                    acc = tl.dot(w_lo, _gather_a_t(a_ptrs_t, kk, K, row_ok, stride_ak).to(COMPUTE), acc)
-                    acc = tl.dot(w_hi, _gather_a_t(a_ptrs_t, kk + 16, K, row_ok, stride_ak).to(COMPUTE), acc)
-                else:
-                    part = tl.dot(w_lo, _gather_a_t(a_ptrs_t, kk, K, row_ok, stride_ak).to(COMPUTE))
-                    part = tl.dot(w_hi, _gather_a_t(a_ptrs_t, kk + 16, K, row_ok, stride_ak).to(COMPUTE), part)
-                    g = (k0 + c * 32) // 32
-                    s = _decode_scale(tl.load(s_rows + g * stride_sk, mask=n_ok, other=0), SCALE_CODEC, FP8_NATIVE)
-                    acc += part * s[:, None]
+                acc = tl.dot(wt, a_t, acc)
 
     if SCALE_MODE == _SM_PER_COLUMN:
         col_scale = _decode_scale(tl.load(s_rows, mask=n_ok, other=0), SCALE_CODEC, FP8_NATIVE)

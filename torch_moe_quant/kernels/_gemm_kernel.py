@@ -29,8 +29,7 @@ import triton.language as tl
 
 from ._act_quant_kernel import qdq_tile, quantize_groups
 from ._operand import ElementCodec, ScaleCodec, ScaleMode
-from .act_quant import ActElement, ActScale
-from .moe_gemm import ARows, DotKind, EpilogueAct
+from ._enums import ActElement, ActScale, ARows, DotKind, EpilogueAct
 
 #: torch compute dtype -> the ``COMPUTE`` constexpr of ``tl.dot`` operands.
 TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}

@@ -66,43 +66,11 @@ import torch
 from ..activations import Activation, GateUpLayout, apply_activation
 from ..fake_impls.shapes import align_shapes
 from ..formats.core import check_tensor
-from ..reference import dequantize_weight
+from ..experts import dequantize_weight
+from ._enums import ARows, DotKind, EpilogueAct
 from ._operand import FLOAT_DTYPES, ElementCodec, ScaleCodec, ScaleMode, Weight, WeightOperand
 from .act_quant import ActElement, ActPlacement, ActQuant, ActScale, fake_quantize_ref
 from .config import GemmProblem, KernelConfig, fit_activation, select_config
-
-
-class ARows(enum.IntEnum):
-    """What a row of the GEMM input ``a`` is (kernel constexpr ``A_ROWS``)."""
-
-    TOKENS = 0  # a[token]; pair p reads row p // top_k (first GEMM)
-    PAIRS = 1  # a[pair]; pair p reads row p (second GEMM)
-
-
-class EpilogueAct(enum.IntEnum):
-    """The activation applied in the epilogue (kernel constexpr ``ACT``)."""
-
-    NONE = 0
-    SILU = 1
-    GELU = 2
-    GELU_TANH = 3
-    SWIGLUOAI = 4
-    SWIGLUSTEP = 5
-    RELU2 = 6
-    SILU_NO_MUL = 7
-    GELU_NO_MUL = 8
-
-    @staticmethod
-    def of(activation: Optional[Activation]) -> "EpilogueAct":
-        return EpilogueAct.NONE if activation is None else EpilogueAct[Activation(activation).name]
-
-
-class DotKind(enum.IntEnum):
-    """Operands of the kernel's ``tl.dot`` (kernel constexpr ``DOT``)."""
-
-    COMPUTE = 0  # both dequantized to the compute dtype (fallback; every format)
-    FP8 = 1  # e4m3 activation codes x e4m3 (or int4) weight codes, fp32 accumulation (sm89+)
-    INT8 = 2  # int8 activation codes x int8 (or int4) weight codes, int32 per K tile
 
 
 class DotPreference(enum.Enum):
@@ -173,9 +141,9 @@ class GemmKernel(enum.Enum):
 DECODE_MAX_BLOCK_M = 32
 #: Weight rows per program of the decode kernel (None: ``_decode_block_n``'s choice per format).
 DECODE_BLOCK_N: Optional[int] = None
-_DECODE_BLOCK_K = {ElementCodec.INT4: 128, ElementCodec.FP4_E2M1: 64}
+_DECODE_BLOCK_K = {ElementCodec.INT4: 128, ElementCodec.FP4_E2M1: 64}  # the kernel's int4 / fp4 branches are written for these
 #: the input order each packed element is read in (``KOrder``)
-_DECODE_ORDER = {ElementCodec.INT4: KOrder(8), ElementCodec.FP4_E2M1: KOrder(2)}
+_DECODE_ORDER = {ElementCodec.INT4: KOrder(8, 16), ElementCodec.FP4_E2M1: KOrder(8, 8)}
 DECODE_STAGES = 4
 DECODE_WARPS = 4
 
@@ -199,10 +167,28 @@ def decode_blocker(
         return f"K={op.k} is not a multiple of {order.span}"
     if op.element is ElementCodec.INT4 and op.scale_mode(128) not in (ScaleMode.PER_COLUMN, ScaleMode.PER_K_TILE):
         return f"int4 groups of {op.scale_block_k} (per column or multiples of 128 only)"
+    if op.element is ElementCodec.FP4_E2M1 and not _fp4_views_ok(op):
+        return "fp4 codes / block scales not viewable as int32 words / one integer per K tile (strides, alignment)"
     if compute_dtype not in (torch.bfloat16, torch.float16) or (decode_asm(device) and compute_dtype != torch.bfloat16):
         return f"compute dtype {compute_dtype}"
     return None
 
+
+
+def _fp4_views_ok(op: WeightOperand) -> bool:
+    """Whether ``_launch_decode`` can view fp4 codes as int32 words and a K
+    tile's block scales (16 or 32 columns each, 64 per tile) as one int32 /
+    int16 per row: last dims contiguous and the views aligned."""
+    block_k = _DECODE_BLOCK_K[ElementCodec.FP4_E2M1]
+    group = op.scale_block_k
+    if op.scale is None or group is None or group not in (16, 32):
+        return False
+    width = block_k // group  # scale bytes per tile and row
+    return (
+        op.data.stride(-1) == 1 and op.data.data_ptr() % 4 == 0 and all(st % 4 == 0 for st in op.data.stride()[:-1])
+        and op.scale.stride(-1) == 1 and op.scale.data_ptr() % width == 0
+        and all(st % width == 0 for st in op.scale.stride()[:-1]) and op.scale.shape[-1] % width == 0
+    )
 
 
 def decode_order(
@@ -572,16 +558,20 @@ def moe_gemm(
     return out
 
 
-def _decode_block_n(op: WeightOperand) -> int:
-    """Weight rows per decode program. Measured on the H200 (bench/decode_tune.py,
-    M = 1 / 16 / 256, mixtral / deepseek-v3 / qwen3 GEMMs, 4 warps, 4 stages):
-    int4 and nvfp4 ran 10-30% faster with 128 rows (two m64 wgmma per sub-dot:
-    more work per wait) than with 64; mxfp4 (post-dot scale per 32-column
-    chunk) ran 1.5-1.8x slower with 128, so it keeps 64. 8 warps lost everywhere
-    but one point."""
+def _decode_block_n(op: WeightOperand, tokens: int) -> int:
+    """Weight rows per decode program (4 warps, 4 stages). Measured on the H200
+    (bench/results/h200_decode_tune.log: mixtral / deepseek-v3 / qwen3 GEMMs,
+    M = 1 / 16 / 256, BLOCK_N 32-256 x 2-8 warps x 3-6 stages): int4 ran best
+    with 64 rows at 15 of 18 points (within 5% of the best at the rest: 128 rows
+    hold 165 registers a thread, 3 programs an SM; 64 rows, 4-5); fp4, whose
+    decode is twice int4's instructions a byte, ran best with 128 rows from
+    M = 16 up (5-10% over 64) and with 64 at M = 1 (up to 1.3x: twice the
+    programs when only top_k experts stream)."""
     if DECODE_BLOCK_N is not None:
         return DECODE_BLOCK_N
-    return 64 if op.scale_codec is ScaleCodec.E8M0 else 128
+    if op.element is ElementCodec.INT4:
+        return 64
+    return 64 if tokens <= 4 else 128
 
 
 def decode_asm(device: torch.device) -> bool:
@@ -597,17 +587,25 @@ def _launch_decode(call: "_Call", a, out, compute, km, asm: bool, out_order: KOr
     op, cfg = call.op, call.config
     block_k = _DECODE_BLOCK_K[op.element]
     max_padded = call.sorted_ids.numel()
-    block_n = _decode_block_n(op)
+    block_n = _decode_block_n(op, call.num_pairs // call.top_k)
     grid = (_cdiv(max_padded, cfg.block_m) * _cdiv(op.n, block_n),)
-    s_e, s_n, s_k = op.scale_strides()
     bias_strides = call.bias.stride() if call.bias is not None else (0, 0)
+    gated = call.activation is not None and call.activation.is_gated
+    even_n = call.n_out % (block_n // 2) == 0 if gated else op.n % block_n == 0
+    # fp4 bytes are read as int32 words of eight codes (like int4's), byte order unchanged; a K
+    # tile's block scales (64 columns: 4 e4m3 / 2 e8m0 bytes) as one int32 / int16 per row
+    w_data, scale = op.data, op.scale
+    if op.element is ElementCodec.FP4_E2M1:
+        w_data = op.data.view(torch.int32)
+        scale = op.scale.view(torch.int32 if block_k // op.scale_block_k == 4 else torch.int16)
+    s_e, s_n, s_k = _strides3(scale)
     dk.moe_decode_kernel[grid](
-        a, op.data, out,
+        a, w_data, out,
         call.sorted_ids, call.block_expert_ids, call.num_padded,
-        op.scale, op.global_scale, call.bias, call.topk_weights,
+        scale, op.global_scale, call.bias, call.topk_weights,
         op.n, call.n_out, op.k, call.num_pairs, max_padded, op.num_experts,
         a.stride(0), a.stride(1),
-        *op.data.stride(),
+        *w_data.stride(),
         s_e, s_n, s_k,
         *bias_strides,
         *out.stride(),
@@ -629,9 +627,16 @@ def _launch_decode(call: "_Call", a, out, compute, km, asm: bool, out_order: KOr
         ASM=asm,
         OUT_PER_WORD=out_order.per_word,
         OUT_WORDS=out_order.words,
+        EVEN_N=even_n,
+        EVEN_K=op.k % block_k == 0,
         num_warps=DECODE_WARPS,
         num_stages=DECODE_STAGES,
     )
+
+
+def _strides3(t: torch.Tensor):
+    """``(stride_e, stride_n, stride_k)`` of a 3-D scale tensor, 0 on size-1 dims."""
+    return tuple(st if size > 1 else 0 for st, size in zip(t.stride(), t.shape))
 
 
 def _cdiv(x: int, y: int) -> int:
