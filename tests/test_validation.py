@@ -316,8 +316,8 @@ def test_7_float64_hidden_states_run_every_scheme(scheme):
 def test_8_lowerings_rewrite_inference_graphs_only(lowered):
     """Documented (README, Lowerings): with autograd recording (parameters
     that require grad, no torch.no_grad()) Inductor compiles a training graph,
-    which the lowerings leave alone; under torch.no_grad() / inference_mode
-    the same code is rewritten."""
+    which the lowerings leave alone, saying so in a warning; under
+    torch.no_grad() / inference_mode the same code is rewritten."""
     from torch._dynamo.utils import counters
 
     router = torch.nn.Linear(16, 8)
@@ -329,7 +329,8 @@ def test_8_lowerings_rewrite_inference_graphs_only(lowered):
 
     x = torch.randn(5, 16)
     compiled = torch.compile(qwen3_router, fullgraph=True)
-    compiled(x)
+    with pytest.warns(UserWarning, match="compiled for training .* torch.no_grad"):
+        compiled(x)
     assert dict(counters["moe_quant"]) == {}
     torch._dynamo.reset()
     counters.clear()

@@ -34,6 +34,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import threading
+import warnings
 from pathlib import Path
 from typing import Iterable, Iterator, Optional, Tuple, Union
 
@@ -125,6 +126,8 @@ class MoeQuantPass(CustomGraphPass):
         if _patterns().apply(graph):
             # e.g. the ``full(-inf)`` a rewritten Llama-4 router scattered into
             graph.eliminate_dead_code()
+        elif _is_training_graph() and _has_moe_nodes(graph):
+            _warn_training_graph()
         fuse_blocks(graph)  # route -> experts_<scheme> pairs become moe_<scheme>
 
     def uuid(self) -> str:
@@ -134,6 +137,35 @@ class MoeQuantPass(CustomGraphPass):
 
     def __repr__(self) -> str:
         return "MoeQuantPass()"
+
+
+def _is_training_graph() -> bool:
+    """Whether the graph being compiled is the forward of a training graph
+    (AOTAutograd traced tangents for it: an output requires grad), read from
+    the tracing context; False when there is none."""
+    from torch._guards import TracingContext
+
+    ctx = TracingContext.try_get()
+    meta = getattr(ctx, "fw_metadata", None) if ctx is not None else None
+    return bool(getattr(meta, "traced_tangents", None))
+
+
+def _has_moe_nodes(graph: torch.fx.Graph) -> bool:
+    """A ``topk`` (routing) or ``_grouped_mm`` (experts) node: MoE code the
+    rewrites would have looked at."""
+    targets = {torch.ops.aten.topk.default, getattr(torch.ops.aten, "_grouped_mm").default}
+    return any(n.op == "call_function" and n.target in targets for n in graph.nodes)
+
+
+_TRAINING_GRAPH_WARNING = (
+    "torch_moe_quant lowerings: this MoE graph is compiled for training (autograd is recording: parameters "
+    "require grad and torch.no_grad() is not active), and the lowerings rewrite inference graphs only, so its "
+    "routing and experts run unrewritten. Compile and run under torch.no_grad() or torch.inference_mode()."
+)
+
+
+def _warn_training_graph() -> None:
+    warnings.warn(_TRAINING_GRAPH_WARNING, UserWarning, stacklevel=2)
 
 
 _PASS = MoeQuantPass()
