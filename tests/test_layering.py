@@ -47,11 +47,6 @@ LAYERS: Tuple[Tuple[str, ...], ...] = (
 #: the import. The test fails when an entry no longer occurs, so the list
 #: cannot go stale.
 ALLOWED: Dict[Tuple[str, str], str] = {
-    # fused_experts_triton validates its call with reference.validate_call, a
-    # third check of tensors moe.fused_moe and the op already checked (issue
-    # 19: validate once): the op's CUDA kernel passes validated inputs and the
-    # launcher checks nothing. To be removed by the decode-kernel work.
-    (f"{ROOT}.kernels.fused_experts", f"{ROOT}.reference"): "fused_experts imports reference.validate_call",
 }
 
 #: What kernel modules must never import (besides private helpers of other packages).

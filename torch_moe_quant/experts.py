@@ -27,13 +27,14 @@ import torch.nn.functional as F
 from torch.utils import _pytree as pytree
 
 from . import formats
-from .activations import GateUpLayout
+from .activations import Activation, GateUpLayout, as_activation
 from .formats.core import (
     Format,
     PerGroup,
     QuantizedTensor,
     check_tensor,
     register_pytree_dataclass,
+    value_ranges,
     values_available,
 )
 from .formats.layout import TRAITS, check_quantized_values, validate
@@ -460,3 +461,138 @@ def check_float_weights(scheme, **weights: Optional[torch.Tensor]) -> None:
                 f"{name} must be finite to be quantized to {scheme.name}: it holds "
                 f"{int(torch.isnan(w).sum())} NaN and {int(torch.isinf(w).sum())} inf values"
             )
+
+
+# ---------------------------------------------------------------- call checks
+# Shape / dtype / device checks of a MoE call against its experts (values only
+# where they can be read without a device sync). They live here, below
+# ``kernels`` and ``reference``, so the kernels' launchers and the reference
+# share them without ``kernels`` importing ``reference``.
+
+
+def check_routing(
+    topk_weights: torch.Tensor,
+    topk_ids: torch.Tensor,
+    num_tokens: int,
+    num_experts: int,
+    expert_map: Optional[torch.Tensor],
+    local_experts: int,
+    device: Optional[torch.device] = None,
+) -> None:
+    """Validate routing tensors; errors name the argument. ``device``: the
+    device of ``hidden_states`` every routing tensor must be on (a ``meta``
+    or other-device id tensor would otherwise be read as garbage)."""
+    check_tensor("topk_ids", topk_ids, dtype=(torch.int32, torch.int64))
+    check_tensor(
+        "topk_weights", topk_weights,
+        dtype=(torch.float32, torch.float16, torch.bfloat16, torch.float64),
+    )
+    if expert_map is not None:
+        check_tensor("expert_map", expert_map, dtype=(torch.int32, torch.int64))
+    if device is not None:
+        for name, t in (("topk_ids", topk_ids), ("topk_weights", topk_weights), ("expert_map", expert_map)):
+            if t is not None and t.device != device:
+                raise ValueError(
+                    f"{name} is on {t.device} but hidden_states is on {device}: every routing tensor "
+                    f"must be on the device of hidden_states"
+                )
+    if topk_ids.dim() != 2 or topk_ids.shape[0] != num_tokens:
+        raise ValueError(
+            f"topk_ids must have shape [num_tokens={num_tokens}, top_k], got {tuple(topk_ids.shape)}"
+        )
+    if tuple(topk_weights.shape) != tuple(topk_ids.shape):
+        raise ValueError(
+            f"topk_weights must have the shape of topk_ids {tuple(topk_ids.shape)}, "
+            f"got {tuple(topk_weights.shape)}"
+        )
+    if topk_ids.shape[1] > num_experts:
+        raise ValueError(f"top_k={topk_ids.shape[1]} is larger than the number of experts {num_experts}")
+    if expert_map is not None:
+        if expert_map.dim() != 1:
+            raise ValueError(f"expert_map must be 1-D [num_global_experts], got {tuple(expert_map.shape)}")
+    if not values_available(topk_ids, expert_map) or topk_ids.numel() == 0:
+        return
+    (lo, hi), *map_range = value_ranges(topk_ids, *([expert_map] if expert_map is not None else []))
+    if lo < 0 or hi >= num_experts:
+        raise ValueError(f"topk_ids must be in [0, {num_experts}), found ids in [{lo}, {hi}]")
+    if expert_map is not None:
+        (mlo, mhi), = map_range
+        if mlo < -1 or mhi >= local_experts:
+            raise ValueError(
+                f"expert_map values must be -1 (not on this rank) or a local expert in "
+                f"[0, {local_experts}), found values in [{mlo}, {mhi}]"
+            )
+
+
+#: field names of the two dataclasses, read once (``experts_tensors`` runs on every call:
+#: ~4 us this way, ~30 us through ``pytree.tree_flatten_with_path``)
+_EXPERTS_FIELDS = tuple(f.name for f in dataclasses.fields(QuantizedExperts))
+_QTENSOR_FIELDS = tuple(f.name for f in dataclasses.fields(QuantizedTensor))
+
+
+def experts_tensors(experts: QuantizedExperts):
+    """``(field name, tensor)`` of every tensor ``experts`` holds (a quantized
+    weight contributes its data, scales, zero points and g_idx)."""
+    for field in _EXPERTS_FIELDS:
+        value = getattr(experts, field)
+        if isinstance(value, QuantizedTensor):
+            for sub in _QTENSOR_FIELDS:
+                t = getattr(value, sub)
+                if isinstance(t, torch.Tensor):
+                    yield f"{field}.{sub}", t
+        elif isinstance(value, torch.Tensor):
+            yield field, value
+
+
+def check_inputs(hidden_states, experts, activation) -> Tuple[torch.Tensor, Activation]:
+    if not isinstance(experts, QuantizedExperts):
+        raise TypeError(
+            f"experts must be a QuantizedExperts (torch_moe_quant.quantize_experts), "
+            f"got {type(experts).__name__}"
+        )
+    check_tensor(
+        "hidden_states", hidden_states,
+        dtype=(torch.float32, torch.bfloat16, torch.float16, torch.float64),
+    )
+    if hidden_states.dim() != 2 or hidden_states.shape[1] != experts.hidden_size:
+        raise ValueError(
+            f"hidden_states must have shape [num_tokens, {experts.hidden_size}], "
+            f"got {tuple(hidden_states.shape)}"
+        )
+    for name, t in experts_tensors(experts):
+        if t.device != hidden_states.device:
+            raise ValueError(
+                f"experts.{name} is on {t.device} but hidden_states is on {hidden_states.device}: "
+                f"move the experts with experts.to(device)"
+            )
+    act = as_activation(activation)
+    if act.is_gated != experts.is_gated:
+        kind = "gated" if act.is_gated else "non-gated"
+        rows = "2I" if act.is_gated else "I"
+        raise ValueError(
+            f"activation={act.value} is {kind} and needs w13 with {rows} rows; these experts have "
+            f"w13 rows={experts.w13.shape[1]}, I={experts.padded_intermediate_size}"
+        )
+    # fp32 math; float64 inputs (gradcheck) keep float64
+    x = hidden_states.to(torch.promote_types(hidden_states.dtype, torch.float32))
+    pad = experts.padded_hidden_size - experts.hidden_size
+    if pad:
+        x = torch.nn.functional.pad(x, (0, pad))
+    return x, act
+
+
+def validate_call(
+    hidden_states, experts, topk_weights, topk_ids, activation, expert_map, apply_router_weight_on_input
+) -> Tuple[torch.Tensor, Activation]:
+    """Every check of a MoE call (shapes and dtypes always, values when they
+    can be read); returns the padded compute-dtype input and the activation.
+    Shared by the reference, the ops' kernels and their fake impls."""
+    x, act = check_inputs(hidden_states, experts, activation)
+    E = experts.num_experts
+    num_global = E if expert_map is None else expert_map.shape[0]
+    check_routing(topk_weights, topk_ids, x.shape[0], num_global, expert_map, E, hidden_states.device)
+    if apply_router_weight_on_input and topk_ids.shape[1] != 1:
+        raise ValueError(
+            f"apply_router_weight_on_input needs top_k == 1, got top_k={topk_ids.shape[1]}"
+        )
+    return x, act

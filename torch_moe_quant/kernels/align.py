@@ -120,7 +120,7 @@ def align_unchecked(
     topk_ids: torch.Tensor, num_experts: int, block_size: int, expert_map: Optional[torch.Tensor] = None
 ):
     """``align_triton`` for arguments the caller validated (``fused_experts``
-    validates ids once, through ``reference.validate_call``)."""
+    validates ids once, through ``experts.validate_call``)."""
     pairs = topk_ids.numel()
     chunk = chunk_for(num_experts)
     if pairs > MAX_CHUNKS * chunk:

@@ -4,7 +4,7 @@ each kernel).
 
 Pipeline (each step is the step of ``reference.moe_forward`` it replaces):
 
-1. validate as ``reference.fused_moe`` (``reference.validate_call``: one
+1. validate as ``reference.fused_moe`` (``experts.validate_call``: one
    host sync for the id range, skipped while compiling or capturing a CUDA
    graph) and zero-pad ``hidden_states`` to the experts' padded hidden size;
 2. ``apply_router_weight_on_input`` (top_k = 1): scale each token in fp32;
@@ -55,7 +55,7 @@ import enum
 from ..activations import Activation
 from ..experts import QuantizedExperts
 from ..formats.core import Format
-from ..reference import validate_call
+from ..experts import validate_call
 from ._operand import CODECS, FLOAT_DTYPES, WeightOperand, check_format_supported
 from .act_quant import (
     CODE_DTYPES, ActPlacement, ActQuant, ActScale, qdq_rows, qdq_rows_ref, quantize_rows, quantize_rows_ref,
