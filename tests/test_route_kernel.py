@@ -147,14 +147,28 @@ def test_forced_ties(method):
 
 @pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # inf - inf, as in torch
 @pytest.mark.parametrize("method", METHODS, ids=lambda m: m.value)
-def test_infinities(method):
+def test_infinities(method, monkeypatch):
+    """-inf logits beside finite ones are masked experts in eager mode too;
+    +inf (a NaN weight) raises in eager (``routing``'s NaN / inf policy). With
+    the host check skipped (compiling / capturing), the kernel computes what
+    the reference computes with its check switched off the same way."""
     inf = float("inf")
-    logits = torch.tensor([
+    masked = torch.tensor([
         [-inf, 1.0, -inf, 0.5, -inf, 2.0],
         [-inf, -inf, -inf, -inf, -inf, 0.0],
-        [3.0, inf, 1.0, inf, -inf, 0.0],
     ])
-    _assert_matches(logits, 3, method)
+    _assert_matches(masked, 3, method)
+    logits = torch.cat([masked, torch.tensor([[3.0, inf, 1.0, inf, -inf, 0.0]])])
+    with pytest.raises(ValueError, match=r"router_logits contains \+inf"):
+        route_triton(logits, 3, method)
+    with pytest.raises(ValueError, match=r"router_logits contains \+inf"):
+        routing.route(logits, 3, method)
+    args = check_route(logits[:0], 3, method)  # the shape/arg checks, no values
+    w, ids = route_unchecked(logits, args)
+    monkeypatch.setattr(routing, "values_available", lambda *t: False)
+    rw, rids = routing.route(logits, 3, method)
+    assert torch.equal(ids, rids)
+    torch.testing.assert_close(w, rw, rtol=WEIGHT_RTOL, atol=0.0, equal_nan=True)
 
 
 @pytest.mark.parametrize("method", METHODS, ids=lambda m: m.value)
