@@ -51,15 +51,9 @@ from ._gemm_kernel import (
 )
 
 
-@triton.jit
-def _int4_split_asm(words):
-    """int32 words -> 8 bf16 tensors of the same shape: output ``j`` holds
-    the signed code ``u - 8`` of nibble ``j`` of each word. Two words per
-    call: their low / high halves are paired with one ``prmt``, then each
-    nibble pair becomes a bf16x2 with one ``lop3`` (``0x4300 | u`` = 128 + u)
-    and one packed subtraction of 136."""
-    return tl.inline_asm_elementwise(
-        asm="""
+#: the PTX of ``_int4_split_asm`` (inputs $8, $9: two words; outputs $0..$7: code j of both as bf16x2);
+#: tests/test_decode_ptx.py runs it through a small PTX interpreter on the CPU
+_INT4_SPLIT_PTX = tl.constexpr("""
         {
         .reg .b32 lo, hi, t, bias;
         mov.b32 bias, 0x43084308;
@@ -88,7 +82,18 @@ def _int4_split_asm(words):
         sub.bf16x2 $6, $6, bias;
         sub.bf16x2 $7, $7, bias;
         }
-        """,
+        """)
+
+
+@triton.jit
+def _int4_split_asm(words):
+    """int32 words -> 8 bf16 tensors of the same shape: output ``j`` holds
+    the signed code ``u - 8`` of nibble ``j`` of each word. Two words per
+    call: their low / high halves are paired with one ``prmt``, then each
+    nibble pair becomes a bf16x2 with one ``lop3`` (``0x4300 | u`` = 128 + u)
+    and one packed subtraction of 136."""
+    return tl.inline_asm_elementwise(
+        asm=_INT4_SPLIT_PTX,
         constraints="=r,=r,=r,=r,=r,=r,=r,=r,r,r",
         args=[words],
         dtype=(tl.bfloat16,) * 8,
@@ -124,6 +129,7 @@ _E2M1_X8 = """
         prmt.b32 {o3}, lb2, hb2, 0x7351;
 """
 
+#: the PTX of ``_fp4_words_asm`` (same register contract as ``_INT4_SPLIT_PTX``)
 _FP4_WORDS_PTX = tl.constexpr(
     """
     {
