@@ -226,14 +226,10 @@ def _scaled_group_sum(part, sword, G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK
 
 
 @triton.jit
-def _gather_a_t(a_ptrs_t, offs_k, K, row_ok, stride_ak, EVEN_K: tl.constexpr):
+def _gather_a_t(a_ptrs_t, offs_k, row_ok, stride_ak):
     """``A^T[offs_k, rows]``: the activation rows of the block at columns
-    ``offs_k`` (any stride), zero outside K and for masked rows."""
-    if EVEN_K:
-        mask = row_ok[None, :]
-    else:
-        mask = (offs_k < K)[:, None] & row_ok[None, :]
-    return tl.load(a_ptrs_t + offs_k[:, None] * stride_ak, mask=mask, other=0.0)
+    ``offs_k`` (any stride; inside K, a multiple of the tile), zero for masked rows."""
+    return tl.load(a_ptrs_t + offs_k[:, None] * stride_ak, mask=row_ok[None, :], other=0.0)
 
 
 @triton.jit
@@ -266,7 +262,6 @@ def moe_decode_kernel(
     OUT_PER_WORD: tl.constexpr,
     OUT_WORDS: tl.constexpr,
     EVEN_N: tl.constexpr,
-    EVEN_K: tl.constexpr,
 ):
     # ---- tile coordinates: the N tiles of one row block are neighbours (its A rows stay in L1/L2)
     pid = tl.program_id(0)
@@ -299,16 +294,16 @@ def moe_decode_kernel(
         # word, a [BLOCK_N, SUB] tensor) made Triton 3.6 move the tile through shuffles or shared
         # memory (SASS); this keeps the decoded tile the dot's register operand untouched.
         offs_g = tl.arange(0, G * BLOCK_M)
-        pair_g, row_ok_g, a_row_g = tile_rows(sorted_ids_ptr, pid_m * BLOCK_M + offs_g % BLOCK_M, num_padded, num_pairs, TOP_K, A_ROWS)
+        _, row_ok_g, a_row_g = tile_rows(sorted_ids_ptr, pid_m * BLOCK_M + offs_g % BLOCK_M, num_padded, num_pairs, TOP_K, A_ROWS)
         a_ptrs_g = a_ptr + a_row_g[None, :] * stride_am
         WPS: tl.constexpr = SCALE_BLOCK_K // 8  # words per block scale
         in_group = (((tl.arange(0, BLOCK_K) % SUB) // WPS)[:, None] == (offs_g // BLOCK_M)[None, :]) & row_ok_g[None, :]
     for k0 in range(0, K, BLOCK_K):
         offs_w = k0 // 8 + tl.arange(0, SUB)
-        if EVEN_N & EVEN_K:
+        if EVEN_N:
             words = tl.load(w_rows + offs_w[None, :] * stride_wk)
         else:
-            words = tl.load(w_rows + offs_w[None, :] * stride_wk, mask=n_ok[:, None] & (offs_w < K // 8)[None, :], other=0)
+            words = tl.load(w_rows + offs_w[None, :] * stride_wk, mask=n_ok[:, None], other=0)
         # sub-tile j = code j of every word (natural column k0 + 8w + j)
         if ASM:
             if ELEMENT == _EL_INT4:
@@ -322,10 +317,7 @@ def moe_decode_kernel(
         wt = _cat8(v0, v1, v2, v3, v4, v5, v6, v7, BLOCK_N, BLOCK_K)
         offs_k = k0 + tl.arange(0, BLOCK_K)
         if G > 1:
-            if EVEN_K:
-                a_g = tl.load(a_ptrs_g + offs_k[:, None] * stride_ak, mask=in_group, other=0.0)
-            else:
-                a_g = tl.load(a_ptrs_g + offs_k[:, None] * stride_ak, mask=in_group & (offs_k < K)[:, None], other=0.0)
+            a_g = tl.load(a_ptrs_g + offs_k[:, None] * stride_ak, mask=in_group, other=0.0)
             part = tl.dot(wt, a_g.to(COMPUTE))  # [BLOCK_N, G * BLOCK_M]: group g's product in columns g * BLOCK_M ...
             # the tile's G scale bytes are one int16 / int32 per row (``scale_ptr`` is that view)
             if EVEN_N:
@@ -334,7 +326,7 @@ def moe_decode_kernel(
                 sword = tl.load(s_rows + (k0 // BLOCK_K) * stride_sk, mask=n_ok, other=0).to(tl.int32)
             acc += _scaled_group_sum(part, sword, G, BLOCK_N, BLOCK_M, SCALE_CODEC, FP8_NATIVE)
         else:
-            a_t = _gather_a_t(a_ptrs_t, offs_k, K, row_ok, stride_ak, EVEN_K).to(COMPUTE)
+            a_t = _gather_a_t(a_ptrs_t, offs_k, row_ok, stride_ak).to(COMPUTE)
             if SCALE_MODE == _SM_PER_K_TILE:
                 s = _decode_scale(tl.load(s_rows + (k0 // SCALE_BLOCK_K) * stride_sk, mask=n_ok, other=0), SCALE_CODEC, FP8_NATIVE)
                 acc += tl.dot(wt, a_t) * s[:, None]

@@ -141,8 +141,9 @@ class GemmKernel(enum.Enum):
 DECODE_MAX_BLOCK_M = 32
 #: Weight rows per program of the decode kernel (None: ``_decode_block_n``'s choice per format).
 DECODE_BLOCK_N: Optional[int] = None
-_DECODE_BLOCK_K = {ElementCodec.INT4: 128, ElementCodec.FP4_E2M1: 64}  # the kernel's int4 / fp4 branches are written for these
-#: the input order each packed element is read in (``KOrder``)
+#: the input order each packed element is read in (``KOrder``); its span is also the kernel's
+#: K tile (BLOCK_K = 8 codes x ``words`` int32 words a row), so K, a multiple of the span, needs
+#: no K masks in the kernel
 _DECODE_ORDER = {ElementCodec.INT4: KOrder(8, 16), ElementCodec.FP4_E2M1: KOrder(8, 8)}
 DECODE_STAGES = 4
 DECODE_WARPS = 4
@@ -158,7 +159,7 @@ def decode_blocker(
     PTX decode emits bf16)."""
     if act is not None:
         return "the activation is quantized"
-    if op.element not in _DECODE_BLOCK_K:
+    if op.element not in _DECODE_ORDER:
         return f"{op.element.name} weights (int4 and fp4 only)"
     if op.zero_point is not None or op.g_idx is not None:
         return "weights with zero points or act-order g_idx"
@@ -179,7 +180,7 @@ def _fp4_views_ok(op: WeightOperand) -> bool:
     """Whether ``_launch_decode`` can view fp4 codes as int32 words and a K
     tile's block scales (16 or 32 columns each, 64 per tile) as one int32 /
     int16 per row: last dims contiguous and the views aligned."""
-    block_k = _DECODE_BLOCK_K[ElementCodec.FP4_E2M1]
+    block_k = _DECODE_ORDER[ElementCodec.FP4_E2M1].span
     group = op.scale_block_k
     if op.scale is None or group is None or group not in (16, 32):
         return False
@@ -585,7 +586,7 @@ def _launch_decode(call: "_Call", a, out, compute, km, asm: bool, out_order: KOr
     from . import _decode_kernel as dk
 
     op, cfg = call.op, call.config
-    block_k = _DECODE_BLOCK_K[op.element]
+    block_k = _DECODE_ORDER[op.element].span  # decode_blocker: K is a multiple of it
     max_padded = call.sorted_ids.numel()
     block_n = _decode_block_n(op, call.num_pairs // call.top_k)
     grid = (_cdiv(max_padded, cfg.block_m) * _cdiv(op.n, block_n),)
@@ -628,7 +629,6 @@ def _launch_decode(call: "_Call", a, out, compute, km, asm: bool, out_order: KOr
         OUT_PER_WORD=out_order.per_word,
         OUT_WORDS=out_order.words,
         EVEN_N=even_n,
-        EVEN_K=op.k % block_k == 0,
         num_warps=DECODE_WARPS,
         num_stages=DECODE_STAGES,
     )
