@@ -64,7 +64,7 @@ def _sub_bf16x2(a: int, b: int) -> int:
 
 
 def run_ptx(text: str, inputs) -> list:
-    """Interpret ``text`` with ``$8, $9 = inputs``; returns ``$0 .. $7``."""
+    """Interpret ``text`` with ``$8, $9 = inputs``; returns (``[$0 .. $7]``, instructions run)."""
     regs = {f"${8 + i}": v & MASK for i, v in enumerate(inputs)}
 
     def val(tok: str) -> int:

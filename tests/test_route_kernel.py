@@ -55,6 +55,18 @@ def _assert_matches(logits, top_k, method, **kw):
     torch.testing.assert_close(w, rw, rtol=WEIGHT_RTOL, atol=0.0, equal_nan=True)
 
 
+def _assert_matches_unchecked(logits, top_k, method, monkeypatch, *route_args, **kw):
+    """The kernel with the host value check skipped (compiling / capturing)
+    against the reference with its check switched off the same way."""
+    args = check_route(logits[:0], top_k, method, *route_args)  # the shape/arg checks, no values
+    w, ids = route_unchecked(logits, args)
+    monkeypatch.setattr(routing, "values_available", lambda *t: False)
+    rw, rids = routing.route(logits, top_k, method, **kw)
+    assert torch.equal(ids, rids)
+    torch.testing.assert_close(w, rw, rtol=WEIGHT_RTOL, atol=0.0, equal_nan=True)
+    return ids
+
+
 def test_interpreter_is_used():
     route_triton(_randn(2, 4), 1, "topk")
     assert kernel_is_interpreted()
@@ -163,12 +175,7 @@ def test_infinities(method, monkeypatch):
         route_triton(logits, 3, method)
     with pytest.raises(ValueError, match=r"router_logits contains \+inf"):
         routing.route(logits, 3, method)
-    args = check_route(logits[:0], 3, method)  # the shape/arg checks, no values
-    w, ids = route_unchecked(logits, args)
-    monkeypatch.setattr(routing, "values_available", lambda *t: False)
-    rw, rids = routing.route(logits, 3, method)
-    assert torch.equal(ids, rids)
-    torch.testing.assert_close(w, rw, rtol=WEIGHT_RTOL, atol=0.0, equal_nan=True)
+    _assert_matches_unchecked(logits, 3, method, monkeypatch)
 
 
 @pytest.mark.parametrize("method", METHODS, ids=lambda m: m.value)
@@ -183,12 +190,7 @@ def test_nan_sorts_first_when_the_check_is_skipped(method, monkeypatch):
         [0.5, 1.0, 2.0, -3.0, -1.0, 0.0, nan, 3.0],
         [0.5, 1.0, 2.0, -3.0, -1.0, 0.0, 4.0, 3.0],
     ])
-    args = check_route(logits[:0], 3, method)  # the shape/arg checks, no values
-    w, ids = route_unchecked(logits, args)
-    monkeypatch.setattr(routing, "values_available", lambda *t: False)
-    rw, rids = routing.route(logits, 3, method)
-    assert torch.equal(ids, rids)
-    torch.testing.assert_close(w, rw, rtol=WEIGHT_RTOL, atol=0.0, equal_nan=True)
+    ids = _assert_matches_unchecked(logits, 3, method, monkeypatch)
     if method in (RoutingMethod.TOPK, RoutingMethod.LLAMA4, RoutingMethod.SIGMOID_TOPK):
         assert ids[0].tolist() == [1, 3, 7]
 
@@ -197,12 +199,7 @@ def test_nan_in_grouped_deepseek(monkeypatch):
     nan = float("nan")
     logits = _randn(2, 16, seed=6)
     logits[0, 13] = nan  # its group (the last) scores NaN: kept first
-    args = check_route(logits[:0], 4, DEEPSEEK, None, 4, 2)
-    w, ids = route_unchecked(logits, args)
-    monkeypatch.setattr(routing, "values_available", lambda *t: False)
-    rw, rids = routing.route(logits, 4, DEEPSEEK, num_groups=4, topk_groups=2)
-    assert torch.equal(ids, rids)
-    torch.testing.assert_close(w, rw, rtol=WEIGHT_RTOL, atol=0.0, equal_nan=True)
+    _assert_matches_unchecked(logits, 4, DEEPSEEK, monkeypatch, None, 4, 2, num_groups=4, topk_groups=2)
 
 
 @pytest.mark.parametrize("method", METHODS, ids=lambda m: m.value)

@@ -153,7 +153,7 @@ def _is_training_graph() -> bool:
 def _has_moe_nodes(graph: torch.fx.Graph) -> bool:
     """A ``topk`` (routing) or ``_grouped_mm`` (experts) node: MoE code the
     rewrites would have looked at."""
-    targets = {torch.ops.aten.topk.default, getattr(torch.ops.aten, "_grouped_mm").default}
+    targets = {torch.ops.aten.topk.default, torch.ops.aten._grouped_mm.default}
     return any(n.op == "call_function" and n.target in targets for n in graph.nodes)
 
 

@@ -21,7 +21,6 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from ..activations import GateUpLayout
 from ..experts import QuantizedExperts, build_experts
 from ..fake_impls.shapes import dequantize_shape
 from ..formats.core import QuantizedTensor, check_tensor
@@ -113,12 +112,6 @@ class ExpertsSignature:
         rest = list(tensors[2 * n :])
         b13, b2 = rest[0], rest[1]
         a13, a2 = (rest[2], rest[3]) if self.static_args else (None, None)
-        try:
-            layout = GateUpLayout(layout)
-        except ValueError:
-            raise ValueError(
-                f"layout must be one of {[v.value for v in GateUpLayout]}, got {layout!r}"
-            ) from None
         if self.scheme.weight.fmt is None:
             want = self.scheme.weight.float_dtype
             check_tensor("w13", w13, dtype=want)
