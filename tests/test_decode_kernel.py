@@ -108,7 +108,7 @@ def test_decode_reads_and_writes_permuted_orders(name):
     the natural-order result; out_order: the output is written permuted."""
     M = 6
     w = _weight(name)
-    order = mg._DECODE_ORDER[WeightOperand.of(w).element]
+    order = mg._decode_k_order(WeightOperand.of(w))
     a = torch.randn(M * TOP_K, K, generator=torch.Generator().manual_seed(5)).half()
     ids, tw = _routing(M)
     al = align_triton(ids, E, TILE.block_m)
@@ -157,10 +157,10 @@ def test_decode_blocker_names_the_reason(weight, act, dtype, match):
 def test_auto_takes_decode_only_at_decode_sizes():
     op = WeightOperand.of(_weight("mxfp4"))
     cpu = torch.device("cpu")
-    assert mg.decode_order(op, None, TILE, torch.float16, cpu) == mg.KOrder(8, 8)
+    assert mg.decode_order(op, None, TILE, torch.float16, cpu) == mg.KOrder(8, 16)
     big = KernelConfig(block_m=64, block_n=64, block_k=64)
     assert mg.decode_order(op, None, big, torch.float16, cpu) == mg.NATURAL
-    assert mg.decode_order(op, None, big, torch.float16, cpu, mg.GemmKernel.DECODE) == mg.KOrder(8, 8)
+    assert mg.decode_order(op, None, big, torch.float16, cpu, mg.GemmKernel.DECODE) == mg.KOrder(8, 16)
     with pytest.raises(TypeError, match="kernel must be a GemmKernel"):
         mg.decode_order(op, None, TILE, torch.float16, cpu, "decode")
 

@@ -2,23 +2,30 @@
 
 CI has no GPU, and the Triton interpreter runs the kernel's plain-Triton
 decode (``ASM=False``), not the inline PTX. This interprets the PTX text of
-``_INT4_SPLIT_PTX`` and ``_FP4_WORDS_PTX`` instruction by instruction (the
-few opcodes they use, with PTX ISA semantics: ``prmt`` default mode, ``lop3``
-truth tables, packed bf16 subtraction) and checks every output against the
-format's own decode for exhaustive nibble patterns: an edit that breaks the
-bit twiddling fails here, not only on the H200's ``bench/decode_check.py``.
+``_INT4_SPLIT_PTX`` and the fp4 decoders ``_FP4_MX_PTX`` / ``_FP4_NV_PTX``
+instruction by instruction (the few opcodes they use, with PTX ISA semantics:
+``prmt`` default mode, ``lop3`` truth tables, packed bf16 arithmetic, the
+e4m3 / f16 / bf16 conversions) and checks every output against the format's
+own decode times its block scale for exhaustive nibble patterns: an edit
+that breaks the bit twiddling fails here, not only on the H200's
+``bench/decode_check.py``.
 """
 
 from __future__ import annotations
 
+import importlib
 import re
 import struct
 
 import pytest
 import torch
 
-from torch_moe_quant.formats import _minifloat
+from torch_moe_quant import formats
+from torch_moe_quant.formats import Format, PerGroup, _minifloat
 from torch_moe_quant.kernels import _decode_kernel as dk
+from torch_moe_quant.kernels._operand import ScaleCodec, WeightOperand
+
+mg = importlib.import_module("torch_moe_quant.kernels.moe_gemm")
 
 MASK = 0xFFFFFFFF
 
@@ -55,16 +62,41 @@ def _f32_to_bf16_rn(x: float) -> int:
     return int(torch.tensor(x, dtype=torch.float32).to(torch.bfloat16).view(torch.int16).item()) & 0xFFFF
 
 
-def _sub_bf16x2(a: int, b: int) -> int:
+def _bf16x2(a: int, b: int, op) -> int:
+    """A packed bf16 operation, each half computed exactly in fp64 and
+    rounded once to bf16 (what ``sub`` / ``mul.rn.bf16x2`` do)."""
     out = 0
     for half in range(2):
-        x = _bf16_to_f32((a >> (16 * half)) & 0xFFFF) - _bf16_to_f32((b >> (16 * half)) & 0xFFFF)
-        out |= _f32_to_bf16_rn(x) << (16 * half)
+        x = op(_bf16_to_f32((a >> (16 * half)) & 0xFFFF), _bf16_to_f32((b >> (16 * half)) & 0xFFFF))
+        out |= _f64_to_bf16_rn(x) << (16 * half)
     return out
 
 
+def _f64_to_bf16_rn(x: float) -> int:
+    return int(torch.tensor(x, dtype=torch.float64).to(torch.bfloat16).view(torch.int16).item()) & 0xFFFF
+
+
+def _max_u16x2(a: int, b: int) -> int:
+    return max(a & 0xFFFF, b & 0xFFFF) | (max(a >> 16, b >> 16) << 16)
+
+
+def _e4m3x2_to_f16x2(a: int) -> int:
+    """``cvt.rn.f16x2.e4m3x2``: the low byte to the low half (exact)."""
+    halves = [torch.tensor([(a >> (8 * i)) & 0xFF], dtype=torch.uint8).view(torch.float8_e4m3fn).to(torch.float16)
+              .view(torch.int16).item() & 0xFFFF for i in range(2)]
+    return halves[0] | (halves[1] << 16)
+
+
+def _f16_to_f32_bits(h: int) -> int:
+    return struct.unpack("<I", struct.pack("<f", struct.unpack("<e", struct.pack("<H", h))[0]))[0]
+
+
+def _f32_bits(bits: int) -> float:
+    return struct.unpack("<f", struct.pack("<I", bits))[0]
+
+
 def run_ptx(text: str, inputs) -> list:
-    """Interpret ``text`` with ``$8, $9 = inputs``; returns (``[$0 .. $7]``, instructions run)."""
+    """Interpret ``text`` with ``$8, $9, ... = inputs``; returns (``[$0 .. $7]``, instructions run)."""
     regs = {f"${8 + i}": v & MASK for i, v in enumerate(inputs)}
 
     def val(tok: str) -> int:
@@ -77,6 +109,12 @@ def run_ptx(text: str, inputs) -> list:
         if not line or line in "{}" or line.startswith(".reg"):
             continue
         op, args = line.split(None, 1)
+        unpack = re.match(r"^\{(\w+),\s*(\w+)\},\s*(\S+)$", args)
+        if op == "mov.b32" and unpack:  # mov.b32 {lo, hi}, x: the two 16-bit halves
+            lo, hi, x = unpack.groups()
+            regs[lo], regs[hi] = val(x) & 0xFFFF, val(x) >> 16
+            ops += 1
+            continue
         d, *src = [t.strip() for t in args.split(",")]
         v = [val(t) for t in src]
         if op == "mov.b32":
@@ -92,7 +130,17 @@ def run_ptx(text: str, inputs) -> list:
         elif op == "shl.b32":
             r = (v[0] << v[1]) & MASK
         elif op == "sub.bf16x2":
-            r = _sub_bf16x2(v[0], v[1])
+            r = _bf16x2(v[0], v[1], lambda x, y: x - y)
+        elif op == "mul.rn.bf16x2":
+            r = _bf16x2(v[0], v[1], lambda x, y: x * y)
+        elif op == "max.u16x2":
+            r = _max_u16x2(v[0], v[1])
+        elif op == "cvt.rn.f16x2.e4m3x2":
+            r = _e4m3x2_to_f16x2(v[0] & 0xFFFF)
+        elif op == "cvt.f32.f16":
+            r = _f16_to_f32_bits(v[0] & 0xFFFF)
+        elif op == "cvt.rn.bf16x2.f32":  # d = {a (high half), b (low half)}
+            r = _f64_to_bf16_rn(_f32_bits(v[0])) << 16 | _f64_to_bf16_rn(_f32_bits(v[1]))
         else:
             raise AssertionError(f"the interpreter does not know {op!r}: teach it, or the test checks nothing new")
         regs[d] = r
@@ -122,22 +170,54 @@ def test_int4_split_ptx_decodes_every_nibble():
     assert ops == 25  # the instruction count the kernel's docstring quotes (lop3 + shr + sub per pair)
 
 
-def test_fp4_words_ptx_decodes_every_code():
-    # the format's own decode of the 16 e2m1 codes (the checkpoint bytes' low nibble = even k)
+@pytest.mark.parametrize("codec", [ScaleCodec.E8M0, ScaleCodec.E4M3])
+def test_fp4_scaled_ptx_decodes_every_code(codec):
+    """Every e2m1 code at every position times the block scale its selector
+    picks (any pair of words, any pair of groups), bit-exact against the
+    format's decode x the scale's decode in fp32 (exact in bf16)."""
     table = _minifloat.decode(torch.arange(16, dtype=torch.uint8), _minifloat.FP4_E2M1).tolist()
-    text = dk._FP4_WORDS_PTX.value
-    for a, b in _words(1, 64):
-        out, ops = run_ptx(text, (a, b))
+    text = (dk._FP4_MX_PTX if codec is ScaleCodec.E8M0 else dk._FP4_NV_PTX).value
+    words = 16 if codec is ScaleCodec.E8M0 else 8
+    op = WeightOperand.of(_fp4_weight(codec))
+    tab = mg.fp4_decode_table(op, torch.device("cpu")).tolist()
+    assert len(tab) == 5 * words
+    sel, lut = tab[:words], tab[words::words]
+    assert [v & MASK for v in lut] == list(dk.E2M1_LUT)
+    g = torch.Generator().manual_seed(2)
+    # scale bytes: every valid one (e8m0 0..254; e4m3 the positive finite ones, subnormals included)
+    valid = list(range(255)) if codec is ScaleCodec.E8M0 else list(range(0x7F))
+    for i, (a, b) in enumerate(_words(1, 64)):
+        wa, wb = torch.randint(0, words, (2,), generator=g).tolist()
+        sw = [sum(valid[(i * 4 + 5 * k + 7 * r) % len(valid)] << (8 * k) for k in range(4)) for r in range(2)]
+        out, ops = run_ptx(text, (a, b, sw[0], sw[1], sel[wa], sel[wb], *[v for t in lut for v in (t, t)]))
         for j in range(8):
             lo, hi = _halves(out[j])
-            want_a, want_b = table[(a >> (4 * j)) & 15], table[(b >> (4 * j)) & 15]
-            # bit-exact, -0.0 for the negative zero code included
-            assert struct.pack("<f", lo) == struct.pack("<f", want_a), (hex(a), j, lo, want_a)
-            assert struct.pack("<f", hi) == struct.pack("<f", want_b), (hex(b), j, hi, want_b)
-    assert ops == 2 + 2 * 15  # two pairing prmt + 15 per 8 values (``_E2M1_X8``)
+            for got, word, w, swd in ((lo, a, wa, sw[0]), (hi, b, wb, sw[1])):
+                byte = (swd >> (8 * (w * 4 // words))) & 0xFF
+                scale = _scale_value(byte, codec)
+                want = _f32_bits_bf16(table[(word >> (4 * j)) & 15] * scale)
+                assert struct.pack("<f", got) == struct.pack("<f", want), (hex(word), j, w, byte, got, want)
+    scale_ops = 6 if codec is ScaleCodec.E8M0 else 8
+    assert ops == scale_ops + 2 + 2 * 15 + 8  # the counts the kernel's comments quote
 
 
-@pytest.mark.parametrize("name", ["_INT4_SPLIT_PTX", "_FP4_WORDS_PTX"])
+def _fp4_weight(codec):
+    fmt = Format.MXFP4 if codec is ScaleCodec.E8M0 else Format.NVFP4
+    return formats.quantize(torch.randn(1, 8, 128), fmt, PerGroup(32 if codec is ScaleCodec.E8M0 else 16))
+
+
+def _scale_value(byte: int, codec) -> float:
+    if codec is ScaleCodec.E8M0:
+        return 2.0 ** (byte - 127)
+    return torch.tensor([byte], dtype=torch.uint8).view(torch.float8_e4m3fn).float().item()
+
+
+def _f32_bits_bf16(x: float) -> float:
+    """``x`` (exactly representable) as the bf16 the kernel holds, read back as a float."""
+    return _bf16_to_f32(_f64_to_bf16_rn(x))
+
+
+@pytest.mark.parametrize("name", ["_INT4_SPLIT_PTX", "_FP4_MX_PTX", "_FP4_NV_PTX"])
 def test_interpreter_rejects_what_it_does_not_know(name):
     with pytest.raises(AssertionError, match="does not know"):
-        run_ptx(getattr(dk, name).value + "\n        cvt.rn.bf16x2.f32 $0, $8, $9;", (0, 0))
+        run_ptx(getattr(dk, name).value + "\n        fma.rn.bf16x2 $0, $8, $9, $8;", (0,) * 14)

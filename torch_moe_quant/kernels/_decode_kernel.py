@@ -21,23 +21,26 @@ joined tile is natural column ``8w + j``, so the activations come in that
 order (``moe_gemm.KOrder(8, SUB)``; GEMM1's epilogue writes GEMM2's order),
 one contiguous ``[BLOCK_K, BLOCK_M]`` block per tile, and each K tile is a
 single dot. On CUDA the decode is PTX on packed registers
-(``_int4_split_asm``: ``lop3`` + packed ``sub.bf16x2``; ``_fp4_words_asm``:
-``prmt`` tables); under the interpreter plain shifts and masks (``ASM=False``).
+(``_int4_split_asm``: ``lop3`` + packed ``sub.bf16x2``; ``_fp4_scaled_asm``:
+``prmt`` tables, then the block scale); under the interpreter plain shifts
+and masks (``ASM=False``).
 
 Scales: int4 per column (epilogue) or per K tile (groups that are multiples
 of ``BLOCK_K``: the tile's fp32 product is scaled). fp4 block scales (MX
-e8m0 per 32 columns, nvfp4 e4m3 per 16: G = 2 or 4 per 64-column tile) are
-applied to fp32 partial products too: the dot runs against G copies of the
-activation block, copy g zero outside group g's columns, and the G column
-blocks of its result are scaled and summed; nvfp4's global scale divides in
-the epilogue. All exact, as the reference. (Multiplying the decoded bf16
-tile by per-word scales instead made Triton 3.6 stage it through shuffles or
-shared memory.)
+e8m0 per 32 columns, nvfp4 e4m3 per 16; four per row and K tile: 128
+columns for MX, 64 for nvfp4) multiply the decoded bf16 codes in the PTX,
+one ``mul.bf16x2`` per two values, exactly (a code has 2 significant bits,
+an e4m3 scale 4; bf16 has fp32's exponent range); nvfp4's global scale
+divides in the epilogue. (Before: the dot ran against G masked copies of
+the activation block and G scaled fp32 partials were summed: G x the MMA
+work, ~700 instructions per 8 KiB.)
 
-Instruction counts per K tile and warp (sm_90 SASS, 128 rows, 4 warps):
-int4 313 for 8 KiB of codes (was 469 with eight dots of K = 16 per tile and
-a wgmma wait after each); fp4 ~370 for 4 KiB (the e2m1 table decode costs
-about 2.5 instructions per value against int4's 1.5).
+Instruction counts per K tile and warp (sm_90 SASS, 128 rows, 4 warps, per
+8 KiB of codes): int4 315; mxfp4 479 (708 with the G copies); nvfp4 570
+(766). The e2m1 table decode costs about 2 instructions per value and the
+scale 0.6, against int4's 1.5. Measured at M = 16 (bench/decode_tune.py,
+one GEMM, H200): mxfp4 / nvfp4 streamed at 45-51% of the HBM floor on
+gpt-oss / mixtral / deepseek shapes, from 25-34% with the G copies.
 """
 
 from __future__ import annotations
@@ -46,7 +49,7 @@ import triton
 import triton.language as tl
 
 from ._gemm_kernel import (
-    _EL_INT4, _SM_PER_COLUMN, _SM_PER_GROUP, _SM_PER_K_TILE, _decode_scale,
+    _EL_INT4, _SC_E8M0, _SM_PER_COLUMN, _SM_PER_K_TILE, _decode_scale,
     epilogue_store, tile_cols, tile_rows,
 )
 
@@ -102,10 +105,18 @@ def _int4_split_asm(words):
     )
 
 
+#: The two 8-byte ``prmt`` tables of ``_E2M1_X8``: the high and the low bytes
+#: of the bf16 of 0, 0.5, 1, 1.5, 2, 3, 4, 6 (entries 0-3 in the first word of
+#: each pair). The kernel loads them (``moe_gemm.fp4_decode_table``) rather
+#: than writing them as PTX immediates: ptxas kept immediates in uniform
+#: registers and copied one into a register before each lookup (58 IMAD per
+#: 8 KiB tile, 576 -> 536 - 58 instructions once they are loaded values).
+E2M1_LUT = (0x3F3F3F00, 0x40404040, 0xC0800000, 0xC0804000)
+
 #: e2m1 codes -> bf16x2, for the eight codes of a 32-bit ``x`` whose bytes
 #: pair two words (``x`` = A.b0 B.b0 A.b1 B.b1: low nibbles A0 A1 B0 B1, high
-#: nibbles A2 A3 B2 B3): the 3-bit magnitudes index two 8-byte ``prmt`` tables,
-#: the high and low bytes of the bf16 of 0, 0.5, 1, 1.5, 2, 3, 4, 6; the four
+#: nibbles A2 A3 B2 B3): the 3-bit magnitudes index the ``E2M1_LUT`` tables
+#: ($14 $16: high bytes, $18 $20: low bytes); the four
 #: sign bits of a 16-bit half are moved to their bytes' top bits with one
 #: ``prmt`` (bytes of ``x << 4`` and ``x``, whose top bits are exactly those
 #: signs) and one ``lop3``; a ``prmt`` per output pairs A's and B's code j.
@@ -115,12 +126,12 @@ _E2M1_X8 = """
         and.b32 m, {x}, 0x77777777;
         shr.u32 mh, m, 16;
         shl.b32 s4, {x}, 4;
-        prmt.b32 hb, 0x3f3f3f00, 0x40404040, m;
-        prmt.b32 lb, 0xc0800000, 0xc0804000, m;
+        prmt.b32 hb, $14, $16, m;
+        prmt.b32 lb, $18, $20, m;
         prmt.b32 sg, s4, {x}, 0x5140;
         lop3.b32 hb, sg, 0x80808080, hb, 0xea;
-        prmt.b32 hb2, 0x3f3f3f00, 0x40404040, mh;
-        prmt.b32 lb2, 0xc0800000, 0xc0804000, mh;
+        prmt.b32 hb2, $14, $16, mh;
+        prmt.b32 lb2, $18, $20, mh;
         prmt.b32 sg, s4, {x}, 0x7362;
         lop3.b32 hb2, sg, 0x80808080, hb2, 0xea;
         prmt.b32 {o0}, lb, hb, 0x6240;
@@ -129,35 +140,86 @@ _E2M1_X8 = """
         prmt.b32 {o3}, lb2, hb2, 0x7351;
 """
 
-#: the PTX of ``_fp4_words_asm`` (same register contract as ``_INT4_SPLIT_PTX``)
-_FP4_WORDS_PTX = tl.constexpr(
-    """
+#: the scale pair of ``_FP4_SCALED_PTX`` from e8m0 bytes: byte ``g_A`` of A's row scale word ($10)
+#: into bits 15..8 and byte ``g_B`` of B's ($11) into bits 31..24 (``prmt`` selector: A's nibble 1
+#: from $12, B's nibble 3 from $13), shifted to the bf16 exponent fields: ``e << 7`` is the bf16 of
+#: 2^(e - 127); ``max.u16x2`` turns e = 0 into 2^-127's subnormal 0x0040 (byte 255, NaN in the
+#: format, is refused when scales are built; here it would read as inf)
+_SCALE_E8M0 = """
+    lop3.b32 sel, $12, $13, 0xff, 0xe4;
+    prmt.b32 s, $10, $11, sel;
+    and.b32 s, s, 0xff00ff00;
+    shr.u32 s, s, 1;
+    mov.b32 lim, 0x00400040;
+    max.u16x2 s, s, lim;
+"""
+#: the same from e4m3 bytes (nvfp4): bytes ``g_A`` / ``g_B`` into the low 16 bits (selector nibbles
+#: 0 and 1), two e4m3 -> f16x2 (exact), each f16 -> f32 -> the bf16x2 pair (exact: 4 significant bits)
+_SCALE_E4M3 = """
+    lop3.b32 sel, $12, $13, 0xf, 0xe4;
+    prmt.b32 s, $10, $11, sel;
+    mov.b32 {s16, hi16}, s;
+    cvt.rn.f16x2.e4m3x2 h, s16;
+    mov.b32 {h0, h1}, h;
+    cvt.f32.f16 f0, h0;
+    cvt.f32.f16 f1, h1;
+    cvt.rn.bf16x2.f32 s, f1, f0;
+"""
+
+
+def _fp4_scaled_ptx(scale: str) -> tl.constexpr:
+    """The PTX of ``_fp4_scaled_asm``: $8, $9 two words A, B; $10, $11 their rows' scale words;
+    $12, $13 their scale selectors; $14 $16 $18 $20 the ``E2M1_LUT`` words (A's copies; $15 ...
+    B's, the same values); outputs $0..$7 code j of A and B, times the block scales."""
+    return tl.constexpr(
+        """
     {
-    .reg .b32 x, y, m, mh, hb, lb, hb2, lb2, s4, sg;
+    .reg .b32 x, y, m, mh, hb, lb, hb2, lb2, s4, sg, sel, s, h, lim;
+    .reg .b16 s16, hi16, h0, h1;
+    .reg .f32 f0, f1;
+    """
+        + scale
+        + """
     prmt.b32 x, $8, $9, 0x5140;
     prmt.b32 y, $8, $9, 0x7362;
     """
-    + _E2M1_X8.format(x="x", o0="$0", o1="$1", o2="$2", o3="$3")
-    + _E2M1_X8.format(x="y", o0="$4", o1="$5", o2="$6", o3="$7")
-    + "}"
-)
+        + _E2M1_X8.format(x="x", o0="$0", o1="$1", o2="$2", o3="$3")
+        + _E2M1_X8.format(x="y", o0="$4", o1="$5", o2="$6", o3="$7")
+        + "".join(f"    mul.rn.bf16x2 ${j}, ${j}, s;\n" for j in range(8))
+        + "    }"
+    )
+
+
+#: ``_fp4_scaled_asm``'s PTX for mxfp4 (e8m0 scales) and nvfp4 (e4m3 scales); tests/test_decode_ptx.py
+#: interprets both
+_FP4_MX_PTX = _fp4_scaled_ptx(_SCALE_E8M0)
+_FP4_NV_PTX = _fp4_scaled_ptx(_SCALE_E4M3)
+
 
 @triton.jit
-def _fp4_words_asm(words):
+def _fp4_scaled_asm(words, swords, sel, t0, t1, t2, t3, SCALE_CODEC: tl.constexpr):
     """int32 words of eight e2m1 codes (code ``j`` in nibble ``j``, the
-    checkpoint's byte order) -> 8 bf16 tensors of the same shape, exact:
-    output ``j`` holds code ``j`` of each word. Two words A, B per call: one
-    ``prmt`` pairs their bytes 0, 1 (``x`` = A.b0 B.b0 A.b1 B.b1, whose low
-    nibbles are codes A0 A1 B0 B1) and one their bytes 2, 3; each then
-    decodes as ``_E2M1_X8`` says (16 instructions per 8 values in all)."""
-    return tl.inline_asm_elementwise(
-        asm=_FP4_WORDS_PTX,
-        constraints="=r,=r,=r,=r,=r,=r,=r,=r,r,r",
-        args=[words],
-        dtype=(tl.bfloat16,) * 8,
-        is_pure=True,
-        pack=2,
-    )
+    checkpoint's byte order), their rows' scale words (the K tile's block
+    scale bytes as one int32), per-word selectors and the four ``E2M1_LUT``
+    words (both from ``moe_gemm.fp4_decode_table``)
+    -> 8 bf16 tensors of the words' shape: output ``j`` holds code ``j`` of
+    each word times its block scale, exact (an e2m1 value has 2 significant
+    bits, an e4m3 scale 4: the product fits bf16, whose exponent range is
+    fp32's). Two words A, B per call: one ``prmt`` pairs their bytes 0, 1 and
+    one their bytes 2, 3, each decoded as ``_E2M1_X8`` says (32 instructions
+    per 16 values); the scale pair costs 5 (e8m0) or 6 (e4m3) more and its
+    product 8 ``mul.bf16x2``."""
+    if SCALE_CODEC == _SC_E8M0:
+        return tl.inline_asm_elementwise(
+            asm=_FP4_MX_PTX, constraints="=r,=r,=r,=r,=r,=r,=r,=r" + ",r" * 14,
+            args=[words, swords, sel, t0, t1, t2, t3], dtype=(tl.bfloat16,) * 8, is_pure=True, pack=2,
+        )
+    else:
+        return tl.inline_asm_elementwise(
+            asm=_FP4_NV_PTX, constraints="=r,=r,=r,=r,=r,=r,=r,=r" + ",r" * 14,
+            args=[words, swords, sel, t0, t1, t2, t3], dtype=(tl.bfloat16,) * 8, is_pure=True, pack=2,
+        )
+
 
 @triton.jit
 def _e2m1_to_f32(code):
@@ -171,20 +233,16 @@ def _e2m1_to_f32(code):
 
 
 @triton.jit
-def _code(words, j: tl.constexpr, ELEMENT: tl.constexpr, COMPUTE: tl.constexpr):
-    """Plain-Triton decode of code ``j`` of each word (the interpreter's path)."""
-    c = (words >> (4 * j)) & 15
-    if ELEMENT == _EL_INT4:
-        return (c - 8).to(COMPUTE)
-    return _e2m1_to_f32(c).to(COMPUTE)
+def _code(words, j: tl.constexpr, COMPUTE: tl.constexpr):
+    """Plain-Triton decode of int4 code ``j`` of each word (the interpreter's path)."""
+    return (((words >> (4 * j)) & 15) - 8).to(COMPUTE)
 
 
 @triton.jit
-def _codes8(words, ELEMENT: tl.constexpr, COMPUTE: tl.constexpr):
+def _codes8(words, COMPUTE: tl.constexpr):
     return (
-        _code(words, 0, ELEMENT, COMPUTE), _code(words, 1, ELEMENT, COMPUTE), _code(words, 2, ELEMENT, COMPUTE),
-        _code(words, 3, ELEMENT, COMPUTE), _code(words, 4, ELEMENT, COMPUTE), _code(words, 5, ELEMENT, COMPUTE),
-        _code(words, 6, ELEMENT, COMPUTE), _code(words, 7, ELEMENT, COMPUTE),
+        _code(words, 0, COMPUTE), _code(words, 1, COMPUTE), _code(words, 2, COMPUTE), _code(words, 3, COMPUTE),
+        _code(words, 4, COMPUTE), _code(words, 5, COMPUTE), _code(words, 6, COMPUTE), _code(words, 7, COMPUTE),
     )
 
 
@@ -200,29 +258,33 @@ def _cat8(w0, w1, w2, w3, w4, w5, w6, w7, BLOCK_N: tl.constexpr, BLOCK_K: tl.con
 
 
 @triton.jit
-def _scale_byte(sword, g: tl.constexpr, SCALE_CODEC: tl.constexpr, FP8_NATIVE: tl.constexpr):
-    """Scale byte ``g`` of each row's packed scale word, decoded to fp32: ``[BLOCK_N, 1]``."""
-    return _decode_scale(((sword >> (8 * g)) & 0xFF).to(tl.uint8), SCALE_CODEC, FP8_NATIVE)[:, None]
+def _word_scales(swords, SUB: tl.constexpr, WPS: tl.constexpr, SCALE_CODEC: tl.constexpr, FP8_NATIVE: tl.constexpr):
+    """``[BLOCK_N, SUB]`` fp32: the block scale of each word of a K tile
+    (byte ``w // WPS`` of its row's scale word; the interpreter's path)."""
+    g = tl.arange(0, SUB) // WPS
+    return _decode_scale(((swords[:, None] >> (8 * g[None, :])) & 0xFF).to(tl.uint8), SCALE_CODEC, FP8_NATIVE)
 
 
 @triton.jit
-def _scaled_group_sum(part, sword, G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
-                      SCALE_CODEC: tl.constexpr, FP8_NATIVE: tl.constexpr):
-    """``sum_g part[:, g * BLOCK_M + m] * scale_g[n]`` for G = 2 or 4 groups
-    (splits, not ``tl.sum``: that is a ``triton.language.standard`` function
-    the interpreter cannot call from here)."""
-    p = tl.permute(tl.reshape(part, (BLOCK_N, G, BLOCK_M)), (0, 2, 1))  # [BLOCK_N, BLOCK_M, G]
-    if G == 2:
-        p0, p1 = tl.split(p)
-        out = p0 * _scale_byte(sword, 0, SCALE_CODEC, FP8_NATIVE) + p1 * _scale_byte(sword, 1, SCALE_CODEC, FP8_NATIVE)
-    else:
-        tl.static_assert(G == 4)
-        p_even, p_odd = tl.split(tl.reshape(p, (BLOCK_N, BLOCK_M, 2, 2)))  # groups (0, 2) and (1, 3)
-        p0, p2 = tl.split(p_even)
-        p1, p3 = tl.split(p_odd)
-        out = (p0 * _scale_byte(sword, 0, SCALE_CODEC, FP8_NATIVE) + p1 * _scale_byte(sword, 1, SCALE_CODEC, FP8_NATIVE)
-               + p2 * _scale_byte(sword, 2, SCALE_CODEC, FP8_NATIVE) + p3 * _scale_byte(sword, 3, SCALE_CODEC, FP8_NATIVE))
-    return out
+def _code_scaled(words, j: tl.constexpr, scales, COMPUTE: tl.constexpr):
+    return (_e2m1_to_f32((words >> (4 * j)) & 15) * scales).to(COMPUTE)
+
+
+@triton.jit
+def _codes8_scaled(words, scales, COMPUTE: tl.constexpr):
+    """Plain-Triton twin of ``_fp4_scaled_asm`` (fp32 products, exact in bf16 as there)."""
+    return (
+        _code_scaled(words, 0, scales, COMPUTE), _code_scaled(words, 1, scales, COMPUTE),
+        _code_scaled(words, 2, scales, COMPUTE), _code_scaled(words, 3, scales, COMPUTE),
+        _code_scaled(words, 4, scales, COMPUTE), _code_scaled(words, 5, scales, COMPUTE),
+        _code_scaled(words, 6, scales, COMPUTE), _code_scaled(words, 7, scales, COMPUTE),
+    )
+
+
+@triton.jit
+def _opaque(x):
+    """``x`` unchanged (fp32), through an ``inline_asm`` the compiler cannot see into."""
+    return tl.inline_asm_elementwise("mov.b32 $0, $1;", "=r,r", [x], dtype=tl.float32, is_pure=True, pack=1)
 
 
 @triton.jit
@@ -236,7 +298,7 @@ def _gather_a_t(a_ptrs_t, offs_k, row_ok, stride_ak):
 def moe_decode_kernel(
     a_ptr, w_ptr, c_ptr,
     sorted_ids_ptr, block_expert_ptr, num_padded_ptr,
-    scale_ptr, gs_ptr, bias_ptr, topk_w_ptr,
+    scale_ptr, gs_ptr, bias_ptr, topk_w_ptr, tab_ptr,
     N, N_OUT, K, num_pairs, max_padded, num_experts,
     stride_am, stride_ak,
     stride_we, stride_wn, stride_wk,
@@ -259,6 +321,7 @@ def moe_decode_kernel(
     GATE: tl.constexpr,
     FP8_NATIVE: tl.constexpr,
     ASM: tl.constexpr,
+    CUDA: tl.constexpr,
     OUT_PER_WORD: tl.constexpr,
     OUT_WORDS: tl.constexpr,
     EVEN_N: tl.constexpr,
@@ -285,19 +348,23 @@ def moe_decode_kernel(
     acc = tl.full((BLOCK_N, BLOCK_M), 0.0, tl.float32)
 
     SUB: tl.constexpr = BLOCK_K // 8  # int32 words of 8 codes per row and K tile
-    G: tl.constexpr = BLOCK_K // SCALE_BLOCK_K if SCALE_MODE == _SM_PER_GROUP else 1  # block scales per row and K tile
-    if G > 1:
-        # Block scales smaller than the K tile (mxfp4: 2 per 64 columns, nvfp4: 4): the dot runs
-        # against G copies of the activation block side by side, copy g zero outside group g's
-        # columns, so its [BLOCK_N, G * BLOCK_M] result holds each group's partial product apart;
-        # they are scaled in fp32 and summed. Scaling the decoded bf16 values instead (a scale per
-        # word, a [BLOCK_N, SUB] tensor) made Triton 3.6 move the tile through shuffles or shared
-        # memory (SASS); this keeps the decoded tile the dot's register operand untouched.
-        offs_g = tl.arange(0, G * BLOCK_M)
-        _, row_ok_g, a_row_g = tile_rows(sorted_ids_ptr, pid_m * BLOCK_M + offs_g % BLOCK_M, num_padded, num_pairs, TOP_K, A_ROWS)
-        a_ptrs_g = a_ptr + a_row_g[None, :] * stride_am
-        WPS: tl.constexpr = SCALE_BLOCK_K // 8  # words per block scale
-        in_group = (((tl.arange(0, BLOCK_K) % SUB) // WPS)[:, None] == (offs_g // BLOCK_M)[None, :]) & row_ok_g[None, :]
+    if ELEMENT != _EL_INT4:
+        # fp4 block scales (MX: e8m0 per 32 columns, nvfp4: e4m3 per 16) multiply the decoded bf16
+        # codes (exact), so each K tile is one plain dot. The tile's scale bytes of a row are one
+        # int32 (``_launch_decode`` views the scales so); word w takes byte w // WPS.
+        WPS: tl.constexpr = SCALE_BLOCK_K // 8
+        tl.static_assert(SUB // WPS == 4)
+        if ASM:
+            # loaded once, as [SUB] tensors like the selectors (scalars broadcast into the asm
+            # also cost the dot's register layout: 32 STS + 16 LDSM per tile), and from one copy
+            # per word column: from a single address ptxas kept them in uniform registers and
+            # still copied one into a register before each lookup
+            offs_t = tl.arange(0, SUB)
+            sel = tl.load(tab_ptr + offs_t)[None, :]
+            lut0 = tl.load(tab_ptr + SUB + offs_t)[None, :]
+            lut1 = tl.load(tab_ptr + 2 * SUB + offs_t)[None, :]
+            lut2 = tl.load(tab_ptr + 3 * SUB + offs_t)[None, :]
+            lut3 = tl.load(tab_ptr + 4 * SUB + offs_t)[None, :]
     for k0 in range(0, K, BLOCK_K):
         offs_w = k0 // 8 + tl.arange(0, SUB)
         if EVEN_N:
@@ -305,33 +372,45 @@ def moe_decode_kernel(
         else:
             words = tl.load(w_rows + offs_w[None, :] * stride_wk, mask=n_ok[:, None], other=0)
         # sub-tile j = code j of every word (natural column k0 + 8w + j)
-        if ASM:
-            if ELEMENT == _EL_INT4:
+        if ELEMENT == _EL_INT4:
+            if ASM:
                 v0, v1, v2, v3, v4, v5, v6, v7 = _int4_split_asm(words)
             else:
-                v0, v1, v2, v3, v4, v5, v6, v7 = _fp4_words_asm(words)
+                v0, v1, v2, v3, v4, v5, v6, v7 = _codes8(words, COMPUTE)
         else:
-            v0, v1, v2, v3, v4, v5, v6, v7 = _codes8(words, ELEMENT, COMPUTE)
+            if EVEN_N:
+                swords = tl.load(s_rows + (k0 // BLOCK_K) * stride_sk)
+            else:
+                swords = tl.load(s_rows + (k0 // BLOCK_K) * stride_sk, mask=n_ok, other=0)
+            if ASM:
+                # per-word scale selectors, loaded (moe_gemm.fp4_decode_table) rather than computed
+                # from tl.arange: with an arange operand Triton 3.6 did not give the asm the dot's
+                # register layout and moved the decoded tile through shared memory (SASS: 16 STS,
+                # 708 -> 576 instructions per 8 KiB tile once loaded)
+                v0, v1, v2, v3, v4, v5, v6, v7 = _fp4_scaled_asm(
+                    words, swords[:, None], sel, lut0, lut1, lut2, lut3, SCALE_CODEC)
+            else:
+                v0, v1, v2, v3, v4, v5, v6, v7 = _codes8_scaled(
+                    words, _word_scales(swords, SUB, WPS, SCALE_CODEC, FP8_NATIVE), COMPUTE)
         # the eight sub-tiles side by side along K (column j * SUB + w = code j of word w: the
         # KOrder(8, SUB) position of natural column 8w + j): one dot per K tile
         wt = _cat8(v0, v1, v2, v3, v4, v5, v6, v7, BLOCK_N, BLOCK_K)
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        if G > 1:
-            a_g = tl.load(a_ptrs_g + offs_k[:, None] * stride_ak, mask=in_group, other=0.0)
-            part = tl.dot(wt, a_g.to(COMPUTE))  # [BLOCK_N, G * BLOCK_M]: group g's product in columns g * BLOCK_M ...
-            # the tile's G scale bytes are one int16 / int32 per row (``scale_ptr`` is that view)
-            if EVEN_N:
-                sword = tl.load(s_rows + (k0 // BLOCK_K) * stride_sk).to(tl.int32)
-            else:
-                sword = tl.load(s_rows + (k0 // BLOCK_K) * stride_sk, mask=n_ok, other=0).to(tl.int32)
-            acc += _scaled_group_sum(part, sword, G, BLOCK_N, BLOCK_M, SCALE_CODEC, FP8_NATIVE)
+        a_t = _gather_a_t(a_ptrs_t, k0 + tl.arange(0, BLOCK_K), row_ok, stride_ak).to(COMPUTE)
+        if SCALE_MODE == _SM_PER_K_TILE:
+            s = _decode_scale(tl.load(s_rows + (k0 // SCALE_BLOCK_K) * stride_sk, mask=n_ok, other=0), SCALE_CODEC, FP8_NATIVE)
+            acc += tl.dot(wt, a_t) * s[:, None]
         else:
-            a_t = _gather_a_t(a_ptrs_t, offs_k, row_ok, stride_ak).to(COMPUTE)
-            if SCALE_MODE == _SM_PER_K_TILE:
-                s = _decode_scale(tl.load(s_rows + (k0 // SCALE_BLOCK_K) * stride_sk, mask=n_ok, other=0), SCALE_CODEC, FP8_NATIVE)
-                acc += tl.dot(wt, a_t) * s[:, None]
-            else:
-                acc = tl.dot(wt, a_t, acc)
+            # not ``tl.dot(wt, a_t, acc)``: with a loop-carried accumulator Triton 3.6 splits the
+            # register-operand dot into 8 wgmma of K = 16 kept in flight together (``pendings =
+            # 7``), and the decoded registers of the next tile raced them: deepseek-v3 w13 at M = 256
+            # (BLOCK_M 32, gated) gave run-to-run different outputs in a few weight rows. One dot per
+            # tile into a fresh accumulator, added in fp32 (as the int4 per-K-tile path), is exact
+            # and deterministic (and 40 instructions a tile shorter: no wgmma fences); on CUDA
+            # ``_opaque`` keeps Triton from folding the add back into the dot.
+            part = tl.dot(wt, a_t)
+            if CUDA:
+                part = _opaque(part)
+            acc += part
 
     if SCALE_MODE == _SM_PER_COLUMN:
         col_scale = _decode_scale(tl.load(s_rows, mask=n_ok, other=0), SCALE_CODEC, FP8_NATIVE)

@@ -141,10 +141,23 @@ class GemmKernel(enum.Enum):
 DECODE_MAX_BLOCK_M = 32
 #: Weight rows per program of the decode kernel (None: ``_decode_block_n``'s choice per format).
 DECODE_BLOCK_N: Optional[int] = None
-#: the input order each packed element is read in (``KOrder``); its span is also the kernel's
-#: K tile (BLOCK_K = 8 codes x ``words`` int32 words a row), so K, a multiple of the span, needs
-#: no K masks in the kernel
-_DECODE_ORDER = {ElementCodec.INT4: KOrder(8, 16), ElementCodec.FP4_E2M1: KOrder(8, 8)}
+#: the input order each packed weight is read in (``KOrder``): its span is also the kernel's K tile
+#: (BLOCK_K = 8 codes x ``words`` int32 words a row), so K, a multiple of the span, needs no K
+#: masks in the kernel. fp4 tiles hold four block scales a row (one int32 of scale bytes):
+#: 128 columns for mxfp4's groups of 32, 64 for nvfp4's 16
+_INT4_ORDER = KOrder(8, 16)
+_FP4_ORDERS = {32: KOrder(8, 16), 16: KOrder(8, 8)}
+
+
+def _decode_k_order(op: WeightOperand) -> Optional[KOrder]:
+    """The decode kernel's ``KOrder`` for this weight (None: not an int4 / fp4 one it reads)."""
+    if op.element is ElementCodec.INT4:
+        return _INT4_ORDER
+    if op.element is ElementCodec.FP4_E2M1:
+        return _FP4_ORDERS.get(op.scale_block_k)
+    return None
+
+
 DECODE_STAGES = 4
 DECODE_WARPS = 4
 
@@ -155,15 +168,15 @@ def decode_blocker(
     """Why the decode kernel cannot run this GEMM (None if it can): it takes
     weight-only GEMMs (no activation quantization) on int4 (per column or
     groups that are multiples of 128, no zero point, no act-order) and fp4
-    (mxfp4, nvfp4) weights with bf16 / fp16 compute (bf16 only on CUDA: the
+    (block scales per 32 or 16 columns: mxfp4, nvfp4) weights with bf16 / fp16 compute (bf16 only on CUDA: the
     PTX decode emits bf16)."""
     if act is not None:
         return "the activation is quantized"
-    if op.element not in _DECODE_ORDER:
-        return f"{op.element.name} weights (int4 and fp4 only)"
+    order = _decode_k_order(op)
+    if order is None:
+        return f"{op.element.name} weights with groups of {op.scale_block_k} (int4, and fp4 in groups of 16 / 32 only)"
     if op.zero_point is not None or op.g_idx is not None:
         return "weights with zero points or act-order g_idx"
-    order = _DECODE_ORDER[op.element]
     if op.k % order.span:
         return f"K={op.k} is not a multiple of {order.span}"
     if op.element is ElementCodec.INT4 and op.scale_mode(128) not in (ScaleMode.PER_COLUMN, ScaleMode.PER_K_TILE):
@@ -178,13 +191,11 @@ def decode_blocker(
 
 def _fp4_views_ok(op: WeightOperand) -> bool:
     """Whether ``_launch_decode`` can view fp4 codes as int32 words and a K
-    tile's block scales (16 or 32 columns each, 64 per tile) as one int32 /
-    int16 per row: last dims contiguous and the views aligned."""
-    block_k = _DECODE_ORDER[ElementCodec.FP4_E2M1].span
-    group = op.scale_block_k
-    if op.scale is None or group is None or group not in (16, 32):
+    tile's four block scales as one int32 per row: last dims contiguous and
+    the views aligned."""
+    width = 4  # scale bytes per tile and row
+    if op.scale is None:
         return False
-    width = block_k // group  # scale bytes per tile and row
     return (
         op.data.stride(-1) == 1 and op.data.data_ptr() % 4 == 0 and all(st % 4 == 0 for st in op.data.stride()[:-1])
         and op.scale.stride(-1) == 1 and op.scale.data_ptr() % width == 0
@@ -208,7 +219,7 @@ def decode_order(
         raise ValueError(f"kernel=GemmKernel.DECODE: the decode kernel cannot run this GEMM: {blocker}")
     if blocker is not None or (kernel is GemmKernel.AUTO and config.block_m > DECODE_MAX_BLOCK_M):
         return NATURAL
-    return _DECODE_ORDER[op.element]
+    return _decode_k_order(op)
 
 
 _GATE_CODES = {GateUpLayout.GATE_UP: 0, GateUpLayout.UP_GATE: 1, GateUpLayout.INTERLEAVED: 2}
@@ -565,14 +576,42 @@ def _decode_block_n(op: WeightOperand, tokens: int) -> int:
     M = 1 / 16 / 256, BLOCK_N 32-256 x 2-8 warps x 3-6 stages): int4 ran best
     with 64 rows at 15 of 18 points (within 5% of the best at the rest: 128 rows
     hold 165 registers a thread, 3 programs an SM; 64 rows, 4-5); fp4, whose
-    decode is twice int4's instructions a byte, ran best with 128 rows from
+    decode is 1.5-1.8x int4's instructions a byte, ran best with 128 rows from
     M = 16 up (5-10% over 64) and with 64 at M = 1 (up to 1.3x: twice the
-    programs when only top_k experts stream)."""
+    programs when only top_k experts stream). Rerun with the fp4 scales in the
+    decode (h200_decode_tune_fp4.log): 64 and 128 rows within 5% of each other
+    at M = 16 (each best at half the GEMMs), 64 still best at M = 1."""
     if DECODE_BLOCK_N is not None:
         return DECODE_BLOCK_N
     if op.element is ElementCodec.INT4:
         return 64
     return 64 if tokens <= 4 else 128
+
+
+_FP4_TABLES: dict = {}
+
+
+def fp4_decode_table(op: WeightOperand, device: torch.device) -> Optional[torch.Tensor]:
+    """What the decode kernel loads for fp4 weights (int32 ``[5 * words]``,
+    cached per device and format; None for int4): first the per-word
+    ``prmt`` selectors of the block scales (word ``w`` of a K tile takes byte
+    ``g = w * 4 // words`` of its row's scale word, as the A part of a pair:
+    nibble 1 for e8m0, nibble 0 for e4m3; and as the B part: ``4 + g`` in
+    nibble 3 / 1), then each ``_decode_kernel.E2M1_LUT`` word ``words``
+    times (one per word column: see the kernel's comment)."""
+    if op.element is not ElementCodec.FP4_E2M1:
+        return None
+    from . import _decode_kernel as dk
+
+    words = _decode_k_order(op).words
+    key = (device, op.scale_codec, words)
+    if key not in _FP4_TABLES:
+        g = torch.arange(words, dtype=torch.int64) * 4 // words
+        sel = (g << 4) | ((g + 4) << 12) if op.scale_codec is ScaleCodec.E8M0 else g | ((g + 4) << 4)
+        lut = torch.tensor(dk.E2M1_LUT, dtype=torch.int64)
+        lut = (lut - ((lut >> 31) << 32)).repeat_interleave(words)  # int32 values; a copy per word column
+        _FP4_TABLES[key] = torch.cat([sel, lut]).to(torch.int32).to(device)
+    return _FP4_TABLES[key]
 
 
 def decode_asm(device: torch.device) -> bool:
@@ -586,7 +625,7 @@ def _launch_decode(call: "_Call", a, out, compute, km, asm: bool, out_order: KOr
     from . import _decode_kernel as dk
 
     op, cfg = call.op, call.config
-    block_k = _DECODE_ORDER[op.element].span  # decode_blocker: K is a multiple of it
+    block_k = _decode_k_order(op).span  # decode_blocker: K is a multiple of it
     max_padded = call.sorted_ids.numel()
     block_n = _decode_block_n(op, call.num_pairs // call.top_k)
     grid = (_cdiv(max_padded, cfg.block_m) * _cdiv(op.n, block_n),)
@@ -594,16 +633,15 @@ def _launch_decode(call: "_Call", a, out, compute, km, asm: bool, out_order: KOr
     gated = call.activation is not None and call.activation.is_gated
     even_n = call.n_out % (block_n // 2) == 0 if gated else op.n % block_n == 0
     # fp4 bytes are read as int32 words of eight codes (like int4's), byte order unchanged; a K
-    # tile's block scales (64 columns: 4 e4m3 / 2 e8m0 bytes) as one int32 / int16 per row
+    # tile's four block scales as one int32 per row
     w_data, scale = op.data, op.scale
     if op.element is ElementCodec.FP4_E2M1:
-        w_data = op.data.view(torch.int32)
-        scale = op.scale.view(torch.int32 if block_k // op.scale_block_k == 4 else torch.int16)
+        w_data, scale = op.data.view(torch.int32), op.scale.view(torch.int32)
     s_e, s_n, s_k = _strides3(scale)
     dk.moe_decode_kernel[grid](
         a, w_data, out,
         call.sorted_ids, call.block_expert_ids, call.num_padded,
-        scale, op.global_scale, call.bias, call.topk_weights,
+        scale, op.global_scale, call.bias, call.topk_weights, fp4_decode_table(op, a.device),
         op.n, call.n_out, op.k, call.num_pairs, max_padded, op.num_experts,
         a.stride(0), a.stride(1),
         *w_data.stride(),
@@ -626,6 +664,7 @@ def _launch_decode(call: "_Call", a, out, compute, km, asm: bool, out_order: KOr
         GATE=_GATE_CODES[call.layout],
         FP8_NATIVE=fp8_native(a.device),
         ASM=asm,
+        CUDA=a.device.type == "cuda",
         OUT_PER_WORD=out_order.per_word,
         OUT_WORDS=out_order.words,
         EVEN_N=even_n,
