@@ -27,7 +27,10 @@ mg = importlib.import_module("torch_moe_quant.kernels.moe_gemm")
 sys.path.insert(0, "bench")
 from moe_bench import SHAPES, Timer, rel_err  # noqa: E402
 
-SCHEMES = ["int4_w4a16_g128", "int4_w4a16_channel", "mxfp4_w4a16", "nvfp4_w4a16"]
+SCHEMES = [
+    "int4_w4a16_g128", "int4_w4a16_channel", "mxfp4_w4a16", "nvfp4_w4a16", "int4_w4a16_g32", "int4_w4a16_g64",
+    "int4_w4a16_g128_zp", "int4_w4a16_gptq_g128", "int4_w4a16_awq_g128", "fp8_w8a16_channel", "fp8_w8a16_block128",
+]
 
 
 def main() -> int:

@@ -23,10 +23,11 @@ from moe_cases import rel_err  # noqa: E402
 import torch_moe_quant as tmq  # noqa: E402
 from torch_moe_quant import formats, reference  # noqa: E402
 from torch_moe_quant.activations import Activation, GateUpLayout  # noqa: E402
-from torch_moe_quant.formats import Format, Int4Mode, PerGroup, PerRow  # noqa: E402
+from torch_moe_quant.formats import Format, Int4Mode, PerBlock, PerGroup, PerRow  # noqa: E402
 from torch_moe_quant.kernels import ARows, KernelConfig, fused_experts_triton  # noqa: E402
 from torch_moe_quant.kernels._operand import WeightOperand  # noqa: E402
 from torch_moe_quant.kernels.align import align_triton  # noqa: E402
+from torch_moe_quant.kernels.act_quant import ActPlacement, ActQuant, quantize_rows  # noqa: E402
 
 mg = importlib.import_module("torch_moe_quant.kernels.moe_gemm")
 
@@ -42,6 +43,12 @@ def _weight(name, seed=0, n=N, k=K):
         "int4_g128": lambda: formats.quantize(w, Format.INT4, PerGroup(128)),
         "int4_g256": lambda: formats.quantize(w, Format.INT4, PerGroup(256)),
         "int4_channel": lambda: formats.quantize(w, Format.INT4, PerRow()),
+        "int4_g32": lambda: formats.quantize(w.bfloat16(), Format.INT4, PerGroup(32)),
+        "int4_g64": lambda: formats.quantize(w.bfloat16(), Format.INT4, PerGroup(64)),
+        "int4_g128_zp": lambda: formats.quantize(w, Format.INT4, PerGroup(128), mode=Int4Mode.ASYMMETRIC),
+        "int4_channel_zp": lambda: formats.quantize(w.bfloat16(), Format.INT4, PerRow(), mode=Int4Mode.ASYMMETRIC),
+        "fp8_channel": lambda: formats.quantize(w, Format.FP8_E4M3, PerRow()),
+        "fp8_block128": lambda: formats.quantize(w, Format.FP8_E4M3, PerBlock(128, 128)),
         "mxfp4": lambda: formats.quantize(w, Format.MXFP4),
         "nvfp4": lambda: formats.quantize(w, Format.NVFP4),
     }[name]()
@@ -72,7 +79,11 @@ def test_korder_permute_positions_and_round_trip(per_word):
     assert mg.NATURAL.permute(t) is t
 
 
-@pytest.mark.parametrize("name, M", [("int4_g128", 1), ("int4_g256", 24), ("int4_channel", 5), ("mxfp4", 24), ("nvfp4", 5)])
+@pytest.mark.parametrize("name, M", [
+    ("int4_g128", 1), ("int4_g256", 24), ("int4_channel", 5), ("mxfp4", 24), ("nvfp4", 5),
+    ("int4_g32", 3), ("int4_g64", 24), ("int4_g128_zp", 5), ("int4_channel_zp", 2), ("fp8_channel", 4),
+    ("fp8_block128", 9),
+])
 def test_decode_matches_ref_and_grouped(name, M):
     w = _weight(name)
     a = torch.randn(M, K, generator=torch.Generator().manual_seed(2)).half()
@@ -85,7 +96,9 @@ def test_decode_matches_ref_and_grouped(name, M):
 
 @pytest.mark.parametrize(
     "name, layout",
-    [("int4_g128", GateUpLayout.UP_GATE), ("mxfp4", GateUpLayout.INTERLEAVED), ("nvfp4", GateUpLayout.GATE_UP)],
+    [("int4_g128", GateUpLayout.UP_GATE), ("mxfp4", GateUpLayout.INTERLEAVED), ("nvfp4", GateUpLayout.GATE_UP),
+     ("int4_g32", GateUpLayout.INTERLEAVED), ("int4_g128_zp", GateUpLayout.GATE_UP),
+     ("fp8_block128", GateUpLayout.UP_GATE)],
 )
 def test_decode_gated_epilogue_bias_and_routing_weights(name, layout):
     M = 7
@@ -138,9 +151,10 @@ def test_order_span_must_divide_k():
 @pytest.mark.parametrize(
     "weight, act, dtype, match",
     [
-        (lambda: formats.quantize(torch.randn(E, N, K), Format.INT4, PerGroup(64)), None, torch.float16, "groups of 64"),
-        (lambda: formats.quantize(torch.randn(E, N, K), Format.INT4, PerGroup(128), mode=Int4Mode.ASYMMETRIC), None,
-         torch.float16, "zero points"),
+        (lambda: formats.quantize(torch.randn(E, N, K), Format.INT4, PerGroup(64)), None, torch.float16, "bf16 scales"),
+        (lambda: formats.quantize(torch.randn(E, N, K).bfloat16(), Format.INT4, PerGroup(64), mode=Int4Mode.ASYMMETRIC),
+         None, torch.float16, "zero points"),
+        (lambda: formats.quantize(torch.randn(E, N, K), Format.INT4, PerGroup(16)), None, torch.float16, "groups of 16"),
         (lambda: formats.quantize(torch.randn(E, N, K), Format.INT8, PerRow()), None, torch.float16, "INT8"),
         (lambda: torch.randn(E, N, K).half(), None, torch.float16, "FLOAT"),
         (lambda: _weight("mxfp4"), None, torch.float32, "compute dtype"),
@@ -165,7 +179,10 @@ def test_auto_takes_decode_only_at_decode_sizes():
         mg.decode_order(op, None, TILE, torch.float16, cpu, "decode")
 
 
-@pytest.mark.parametrize("scheme", ["int4_w4a16_g128", "mxfp4_w4a16", "nvfp4_w4a16"])
+@pytest.mark.parametrize("scheme", [
+    "int4_w4a16_g128", "mxfp4_w4a16", "nvfp4_w4a16", "int4_w4a16_g32", "int4_w4a16_g64", "int4_w4a16_gptq_g128",
+    "int4_w4a16_awq_g128", "int4_w4a16_g128_zp", "fp8_w8a16_channel", "fp8_w8a16_block128",
+])
 def test_fused_experts_on_the_decode_kernel(scheme, monkeypatch):
     """Both GEMMs on the decode kernel (GEMM1 writes GEMM2's input order),
     against the reference MoE."""
@@ -174,10 +191,66 @@ def test_fused_experts_on_the_decode_kernel(scheme, monkeypatch):
     monkeypatch.setattr(mg, "_launch_decode", lambda *a, **kw: (launches.append(1), real(*a, **kw))[1])
     H, I, M = 128, 256, 5
     g = torch.Generator().manual_seed(6)
-    ex = tmq.quantize_experts(torch.randn(E, 2 * I, H, generator=g) / H**0.5,
-                              torch.randn(E, H, I, generator=g) / I**0.5, scheme)
+    # groups of 32 / 64 run on the decode kernel with bf16 scales (a bf16 model's)
+    dt = torch.bfloat16 if scheme.endswith(("g32", "g64")) else torch.float32
+    ex = tmq.quantize_experts((torch.randn(E, 2 * I, H, generator=g) / H**0.5).to(dt),
+                              (torch.randn(E, H, I, generator=g) / I**0.5).to(dt), scheme)
     x = torch.randn(M, H, generator=g).half()
     w, ids = tmq.route(torch.randn(M, E, generator=g), TOP_K, "softmax_topk_renormalize")
     out = fused_experts_triton(x, ex, w, ids)
     assert len(launches) == 2
     assert rel_err(out, reference.fused_moe(x, ex, w, ids)) < 2e-3
+
+
+@pytest.mark.parametrize("scheme, name, M", [
+    ("int4_w4a8_g128", "int4_g128", 5), ("int4_w4a8_channel", "int4_channel", 3), ("int4_w4afp8_g128", "int4_g128", 7),
+    ("int4_w4afp8_g128", "mxfp4", 4),
+])
+def test_decode_reads_row_codes(scheme, name, M):
+    """Per-row fp8 / int8 activation codes (the w4a8 schemes' GEMM input) on
+    the decode kernel: the dot runs on the codes, the row scale in the
+    epilogue; same result as the grouped kernel and the reference."""
+    act = ActQuant.of(tmq.SCHEMES[scheme].activation)
+    assert act.placement is ActPlacement.ROW_KERNEL
+    w = _weight(name)
+    x = torch.randn(M, K, generator=torch.Generator().manual_seed(7))
+    codes, a_scale = quantize_rows(x, act)
+    op = WeightOperand.of(w)
+    assert mg.decode_blocker(op, act, torch.bfloat16, torch.device("cpu")) is None
+    ids, tw = _routing(M)
+    al = align_triton(ids, E, TILE.block_m)
+    kw = dict(top_k=TOP_K, a_rows=ARows.TOKENS, config=TILE, topk_weights=tw, act=act, a_scale=a_scale,
+              out_dtype=torch.float32, compute_dtype=torch.bfloat16)
+    out = mg.moe_gemm(codes, w, *al, kernel=mg.GemmKernel.DECODE, **kw)
+    grouped = mg.moe_gemm(codes, w, *al, kernel=mg.GemmKernel.GROUPED, **kw)
+    ref = mg.moe_gemm_ref(codes, w, *al, **kw)
+    assert rel_err(out, ref) < 1e-5  # exact code products summed in fp32
+    assert rel_err(out, grouped) < 1e-5
+
+
+@pytest.mark.parametrize("scheme", ["int4_w4a8_g128", "int4_w4a8_channel", "int4_w4afp8_g128"])
+def test_fused_w4a8_on_the_decode_kernel(scheme, monkeypatch):
+    """Both GEMMs of a w4a8 MoE on the decode kernel (GEMM1 writes GEMM2's
+    order, the row quantizer keeps it), against the reference MoE."""
+    launches = []
+    real = mg._launch_decode
+    monkeypatch.setattr(mg, "_launch_decode", lambda *a, **kw: (launches.append(1), real(*a, **kw))[1])
+    H, I, M = 128, 256, 5
+    g = torch.Generator().manual_seed(8)
+    ex = tmq.quantize_experts(torch.randn(E, 2 * I, H, generator=g) / H**0.5, torch.randn(E, H, I, generator=g) / I**0.5,
+                              scheme)
+    x = torch.randn(M, H, generator=g).bfloat16()
+    w, ids = tmq.route(torch.randn(M, E, generator=g), TOP_K, "softmax_topk_renormalize")
+    out = fused_experts_triton(x, ex, w, ids)
+    assert len(launches) == 2
+    assert rel_err(out.float(), reference.fused_moe(x, ex, w, ids).float()) < 1e-2  # bf16 output
+
+
+def test_w8a8_keeps_the_grouped_kernel():
+    """fp8 weights take the decode kernel weight-only; with fp8 activation
+    codes (w8a8) they keep the grouped kernel's native fp8 dot."""
+    op = WeightOperand.of(_weight("fp8_channel"))
+    assert mg.decode_blocker(op, None, torch.bfloat16, torch.device("cpu")) is None
+    act = ActQuant.of(tmq.SCHEMES["fp8_w8a8_channel_token"].activation)
+    assert "native fp8 dot" in mg.decode_blocker(op, act, torch.bfloat16, torch.device("cpu"))
+    assert mg.decode_order(op, act, TILE, torch.bfloat16, torch.device("cpu")) == mg.NATURAL

@@ -95,9 +95,10 @@ def _f32_bits(bits: int) -> float:
     return struct.unpack("<f", struct.pack("<I", bits))[0]
 
 
-def run_ptx(text: str, inputs) -> list:
-    """Interpret ``text`` with ``$8, $9, ... = inputs``; returns (``[$0 .. $7]``, instructions run)."""
-    regs = {f"${8 + i}": v & MASK for i, v in enumerate(inputs)}
+def run_ptx(text: str, inputs, first_input: int = 8) -> list:
+    """Interpret ``text`` with ``$8, $9, ... = inputs`` (``$first_input`` on); returns
+    (``[$0 .. $(first_input - 1)]``, instructions run)."""
+    regs = {f"${first_input + i}": v & MASK for i, v in enumerate(inputs)}
 
     def val(tok: str) -> int:
         tok = tok.strip()
@@ -145,7 +146,7 @@ def run_ptx(text: str, inputs) -> list:
             raise AssertionError(f"the interpreter does not know {op!r}: teach it, or the test checks nothing new")
         regs[d] = r
         ops += 1
-    return [regs[f"${j}"] for j in range(8)], ops
+    return [regs[f"${j}"] for j in range(first_input)], ops
 
 
 def _halves(reg: int):
@@ -170,6 +171,67 @@ def test_int4_split_ptx_decodes_every_nibble():
     assert ops == 25  # the instruction count the kernel's docstring quotes (lop3 + shr + sub per pair)
 
 
+def test_fp8_split_ptx_decodes_every_byte():
+    """Every e4m3 byte (subnormals, both zeros, NaN patterns) at every
+    position of a word, bit-exact against the format's decode in bf16."""
+    text = dk._FP8_SPLIT_PTX.value
+    table = torch.arange(256, dtype=torch.int32).to(torch.uint8).view(torch.float8_e4m3fn).float().tolist()
+    pairs = [(sum(((v + 37 * j) & 255) << (8 * j) for j in range(4)), sum(((v * 7 + j) & 255) << (8 * j) for j in range(4)))
+             for v in range(256)]
+    for a, b in pairs:
+        out, ops = run_ptx(text, (a, b), first_input=4)
+        for j in range(4):
+            lo, hi = _halves(out[j])
+            for got, word in ((lo, a), (hi, b)):
+                want = table[(word >> (8 * j)) & 0xFF]
+                if want != want:  # NaN: any NaN
+                    assert got != got
+                else:
+                    assert struct.pack("<f", got) == struct.pack("<f", want), (hex(word), j, got, want)
+    assert ops == 4 * 7
+
+
+def test_int4_zp_ptx_subtracts_each_rows_zero_point():
+    """Zero points: the pair's bias is 136 + z of A's row (low half) and of
+    B's row (high half); every code and every centred z in [-8, 7]."""
+    text = dk._INT4_ZP_PTX.value
+    for i, (a, b) in enumerate(_words(3, 32)):
+        za, zb = (i % 16) - 8, ((5 * i + 3) % 16) - 8
+        out, ops = run_ptx(text, (a, b, (0x4308 + za) * 0x10001, (0x4308 + zb) * 0x10001))
+        for j in range(8):
+            lo, hi = _halves(out[j])
+            assert lo == ((a >> (4 * j)) & 15) - 8 - za and hi == ((b >> (4 * j)) & 15) - 8 - zb, (hex(a), j, za, zb)
+    assert ops == 25
+
+
+@pytest.mark.parametrize("group", [32, 64])
+def test_int4_scaled_ptx_applies_each_words_group_scale(group):
+    """Groups of 32 / 64: each word's bf16 scale, picked from its row's two
+    scale words by the selectors ``decode_table`` builds (any pair of words,
+    rows with different scales), times the code, rounded once: bit-exact
+    against the fp32 product rounded to bf16."""
+    text = dk._INT4_SCALED_PTX.value
+    w = formats.quantize(torch.randn(1, 8, 128).bfloat16(), Format.INT4, PerGroup(group))
+    sel = mg.decode_table(WeightOperand.of(w), torch.device("cpu")).tolist()
+    assert len(sel) == 16
+    g = torch.Generator().manual_seed(4)
+    for a, b in _words(5, 48):
+        wa, wb = torch.randint(0, 16, (2,), generator=g).tolist()
+        # two rows' four bf16 scales (random finite values, both signs, incl. subnormal-free tiny ones)
+        sc = (torch.randn(2, 4, generator=g) * 2.0 ** torch.randint(-20, 20, (2, 4), generator=g)).bfloat16()
+        bits = sc.view(torch.int16).to(torch.int64) & 0xFFFF
+        sw0 = [int(bits[r, 0] | (bits[r, 1] << 16)) for r in range(2)]
+        sw1 = [int(bits[r, 2] | (bits[r, 3] << 16)) for r in range(2)]
+        out, ops = run_ptx(text, (a, b, sw0[0], sw0[1], sw1[0], sw1[1], sel[wa], sel[wb]))
+        for j in range(8):
+            lo, hi = _halves(out[j])
+            for got, word, w_, r in ((lo, a, wa, 0), (hi, b, wb, 1)):
+                scale = sc[r, w_ // (group // 8)].float().item()
+                want = _f32_bits_bf16(float(torch.tensor((((word >> (4 * j)) & 15) - 8) * scale, dtype=torch.float32)))
+                assert struct.pack("<f", got) == struct.pack("<f", want), (hex(word), j, w_, scale, got, want)
+    assert ops == 25 + 3 + 8
+
+
 @pytest.mark.parametrize("codec", [ScaleCodec.E8M0, ScaleCodec.E4M3])
 def test_fp4_scaled_ptx_decodes_every_code(codec):
     """Every e2m1 code at every position times the block scale its selector
@@ -179,7 +241,7 @@ def test_fp4_scaled_ptx_decodes_every_code(codec):
     text = (dk._FP4_MX_PTX if codec is ScaleCodec.E8M0 else dk._FP4_NV_PTX).value
     words = 16 if codec is ScaleCodec.E8M0 else 8
     op = WeightOperand.of(_fp4_weight(codec))
-    tab = mg.fp4_decode_table(op, torch.device("cpu")).tolist()
+    tab = mg.decode_table(op, torch.device("cpu")).tolist()
     assert len(tab) == 5 * words
     sel, lut = tab[:words], tab[words::words]
     assert [v & MASK for v in lut] == list(dk.E2M1_LUT)
@@ -217,7 +279,10 @@ def _f32_bits_bf16(x: float) -> float:
     return _bf16_to_f32(_f64_to_bf16_rn(x))
 
 
-@pytest.mark.parametrize("name", ["_INT4_SPLIT_PTX", "_FP4_MX_PTX", "_FP4_NV_PTX"])
+@pytest.mark.parametrize("name", [
+    "_INT4_SPLIT_PTX", "_INT4_ZP_PTX", "_INT4_SCALED_PTX", "_FP4_MX_PTX", "_FP4_NV_PTX", "_FP8_SPLIT_PTX",
+])
 def test_interpreter_rejects_what_it_does_not_know(name):
     with pytest.raises(AssertionError, match="does not know"):
-        run_ptx(getattr(dk, name).value + "\n        fma.rn.bf16x2 $0, $8, $9, $8;", (0,) * 14)
+        run_ptx(getattr(dk, name).value + "\n        fma.rn.bf16x2 $0, $8, $9, $8;", (0,) * 14,
+                first_input=4 if name == "_FP8_SPLIT_PTX" else 8)

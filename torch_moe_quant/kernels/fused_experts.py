@@ -223,13 +223,14 @@ def _run(
         x = x * topk_weights.to(x.dtype)[:, :1]
     # the quantizers read fp32 values; x.to(cdt) is exact unless the router weight scaled x
     in1 = gemm_input(x if (spec is not None and apply_router_weight_on_input) else x.to(cdt), act13, experts.w13)
-    # weight-only GEMM2 on the decode kernel reads its input in the weight's packing order
-    # (moe_gemm.KOrder): GEMM1's epilogue writes it so, no permutation pass in between
-    # (a different tuned config for GEMM2 is still correct: moe_gemm converts between orders)
+    # GEMM2 on the decode kernel reads its input in the weight's packing order (moe_gemm.KOrder):
+    # GEMM1's epilogue writes it so, no permutation pass in between (a different tuned config for
+    # GEMM2 is still correct: moe_gemm converts between orders). Per-row activation codes keep
+    # it: quantizing a row does not depend on the order of its columns
     order2 = NATURAL
-    if act2 is None and steps.gemm is moe_gemm:
+    if (act2 is None or act2.placement is ActPlacement.ROW_KERNEL) and steps.gemm is moe_gemm:
         guess = config or select_config(GemmProblem(M, h_pad, i_pad, E, top_k, cdt), experts.scheme, x.device)
-        order2 = decode_order(WeightOperand.of(experts.w2), None, guess, cdt, x.device)
+        order2 = decode_order(WeightOperand.of(experts.w2), act2, guess, cdt, x.device)
     gemm1 = dict(
         top_k=top_k, a_rows=ARows.TOKENS, bias=experts.w13_bias, compute_dtype=cdt,
         # fp32 when the second GEMM's input is quantized: its quantizer sees the reference's values

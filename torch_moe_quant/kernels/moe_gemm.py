@@ -147,6 +147,7 @@ DECODE_BLOCK_N: Optional[int] = None
 #: 128 columns for mxfp4's groups of 32, 64 for nvfp4's 16
 _INT4_ORDER = KOrder(8, 16)
 _FP4_ORDERS = {32: KOrder(8, 16), 16: KOrder(8, 8)}
+_FP8_ORDER = KOrder(4, 32)  # e4m3 weights: four codes a word
 
 
 def _decode_k_order(op: WeightOperand) -> Optional[KOrder]:
@@ -155,6 +156,8 @@ def _decode_k_order(op: WeightOperand) -> Optional[KOrder]:
         return _INT4_ORDER
     if op.element is ElementCodec.FP4_E2M1:
         return _FP4_ORDERS.get(op.scale_block_k)
+    if op.element is ElementCodec.FP8_E4M3:
+        return _FP8_ORDER
     return None
 
 
@@ -166,27 +169,63 @@ def decode_blocker(
     op: WeightOperand, act: Optional[ActQuant], compute_dtype: torch.dtype, device: torch.device
 ) -> Optional[str]:
     """Why the decode kernel cannot run this GEMM (None if it can): it takes
-    weight-only GEMMs (no activation quantization) on int4 (per column or
-    groups that are multiples of 128, no zero point, no act-order) and fp4
-    (block scales per 32 or 16 columns: mxfp4, nvfp4) weights with bf16 / fp16 compute (bf16 only on CUDA: the
-    PTX decode emits bf16)."""
-    if act is not None:
-        return "the activation is quantized"
+    weight-only GEMMs, or activations given as per-row fp8 / int8 codes (the
+    dot runs on the codes, exact in bf16; the row scale in the epilogue), on int4 (per column or
+    groups that are multiples of 128, with or without zero points; bf16
+    groups of 32 / 64 without; no act-order) and fp4 (block scales per 32
+    or 16 columns: mxfp4, nvfp4) and fp8 e4m3 (per column or blocks of 128)
+    weights with bf16 / fp16 compute (bf16 only on CUDA: the PTX decode emits
+    bf16)."""
+    if act is not None and (act.placement is not ActPlacement.ROW_KERNEL or act.scale is ActScale.GROUP_CODES):
+        return "the activation is quantized in the GEMM (only per-row fp8 / int8 codes are read)"
     order = _decode_k_order(op)
     if order is None:
         return f"{op.element.name} weights with groups of {op.scale_block_k} (int4, and fp4 in groups of 16 / 32 only)"
-    if op.zero_point is not None or op.g_idx is not None:
-        return "weights with zero points or act-order g_idx"
+    if op.g_idx is not None:
+        return "act-order weights (g_idx)"
     if op.k % order.span:
         return f"K={op.k} is not a multiple of {order.span}"
-    if op.element is ElementCodec.INT4 and op.scale_mode(128) not in (ScaleMode.PER_COLUMN, ScaleMode.PER_K_TILE):
-        return f"int4 groups of {op.scale_block_k} (per column or multiples of 128 only)"
+    if op.element is ElementCodec.INT4:
+        mode = op.scale_mode(order.span)
+        if mode is ScaleMode.PER_GROUP:
+            if op.zero_point is not None:
+                return f"int4 groups of {op.scale_block_k} with zero points (zero points need groups of 128k or per column)"
+            if not _int4_group_views_ok(op):
+                return (f"int4 groups of {op.scale_block_k}: bf16 scales viewable as int32 pairs only "
+                        f"(got {op.scale.dtype}, strides {tuple(op.scale.stride())})")
+        elif mode not in (ScaleMode.PER_COLUMN, ScaleMode.PER_K_TILE):
+            return f"int4 groups of {op.scale_block_k} (per column, 32, 64 or multiples of 128 only)"
+    elif op.zero_point is not None:
+        return f"{op.element.name} weights with zero points"
+    if op.element is ElementCodec.FP8_E4M3:
+        if act is not None:  # not measured against the native fp8 dot yet (issue 18: no w8a8 regression)
+            return "fp8 weights with quantized activations (w8a8: the grouped kernel's native fp8 dot)"
+        if op.scale_mode(order.span) not in (ScaleMode.PER_COLUMN, ScaleMode.PER_K_TILE):
+            return f"fp8 weights with scales per {op.scale_block_k} columns (per column or 128k only)"
+        if not _byte_words_ok(op):
+            return "fp8 codes not viewable as int32 words (strides, alignment)"
     if op.element is ElementCodec.FP4_E2M1 and not _fp4_views_ok(op):
         return "fp4 codes / block scales not viewable as int32 words / one integer per K tile (strides, alignment)"
     if compute_dtype not in (torch.bfloat16, torch.float16) or (decode_asm(device) and compute_dtype != torch.bfloat16):
         return f"compute dtype {compute_dtype}"
     return None
 
+
+def _byte_words_ok(op: WeightOperand) -> bool:
+    """Whether one-byte codes ``[E, N, K]`` can be viewed as int32 words."""
+    d = op.data
+    return d.stride(-1) == 1 and d.data_ptr() % 4 == 0 and all(st % 4 == 0 for st in d.stride()[:-1])
+
+
+def _int4_group_views_ok(op: WeightOperand) -> bool:
+    """Whether ``_launch_decode`` can view int4 group scales (32 or 64
+    columns: 4 or 2 a K tile) as int32 pairs of bf16: bf16, last dim
+    contiguous and even, the view aligned."""
+    sc = op.scale
+    return (
+        op.scale_block_k in (32, 64) and sc.dtype == torch.bfloat16 and sc.stride(-1) == 1
+        and sc.shape[-1] % 2 == 0 and sc.data_ptr() % 4 == 0 and all(st % 2 == 0 for st in sc.stride()[:-1])
+    )
 
 
 def _fp4_views_ok(op: WeightOperand) -> bool:
@@ -583,35 +622,50 @@ def _decode_block_n(op: WeightOperand, tokens: int) -> int:
     at M = 16 (each best at half the GEMMs), 64 still best at M = 1."""
     if DECODE_BLOCK_N is not None:
         return DECODE_BLOCK_N
-    if op.element is ElementCodec.INT4:
+    if op.element in (ElementCodec.INT4, ElementCodec.FP8_E4M3):  # fp8: 64 rows = 8 KiB a tile too (not tuned yet)
         return 64
     return 64 if tokens <= 4 else 128
 
 
-_FP4_TABLES: dict = {}
+_TABLES: dict = {}
+#: the decode kernel's ``A_CODES`` for each input dtype (``_decode_kernel._A_FLOAT`` / ``_A_INT8`` / ``_A_FP8``)
+_A_CODES = {torch.int8: 1, torch.float8_e4m3fn: 2}
 
 
-def fp4_decode_table(op: WeightOperand, device: torch.device) -> Optional[torch.Tensor]:
-    """What the decode kernel loads for fp4 weights (int32 ``[5 * words]``,
-    cached per device and format; None for int4): first the per-word
-    ``prmt`` selectors of the block scales (word ``w`` of a K tile takes byte
-    ``g = w * 4 // words`` of its row's scale word, as the A part of a pair:
-    nibble 1 for e8m0, nibble 0 for e4m3; and as the B part: ``4 + g`` in
-    nibble 3 / 1), then each ``_decode_kernel.E2M1_LUT`` word ``words``
-    times (one per word column: see the kernel's comment)."""
-    if op.element is not ElementCodec.FP4_E2M1:
-        return None
-    from . import _decode_kernel as dk
+def decode_table(op: WeightOperand, device: torch.device) -> Optional[torch.Tensor]:
+    """What the decode kernel loads beside the weights (int32, cached per
+    device and format; None where it needs nothing): per-word ``prmt``
+    selectors of the scales in a K tile of ``words`` words, and for fp4 the
+    e2m1 tables.
 
+    * fp4 (``[5 * words]``): word ``w`` takes byte ``g = w * 4 // words`` of
+      its row's scale word, as the A part of a pair (nibble 1 for e8m0,
+      nibble 0 for e4m3) and as the B part (``4 + g`` in nibble 3 / 1); then
+      each ``_decode_kernel.E2M1_LUT`` word ``words`` times (one per word
+      column: see the kernel's comment).
+    * int4 groups of 32 / 64 (``[words]``): word ``w`` takes bf16 scale
+      ``g = w // (group / 8)``, bytes ``2g, 2g + 1`` of its row's two scale
+      words, in nibbles 0-1 (A's part) and 2-3 (B's).
+    """
     words = _decode_k_order(op).words
-    key = (device, op.scale_codec, words)
-    if key not in _FP4_TABLES:
-        g = torch.arange(words, dtype=torch.int64) * 4 // words
-        sel = (g << 4) | ((g + 4) << 12) if op.scale_codec is ScaleCodec.E8M0 else g | ((g + 4) << 4)
-        lut = torch.tensor(dk.E2M1_LUT, dtype=torch.int64)
-        lut = (lut - ((lut >> 31) << 32)).repeat_interleave(words)  # int32 values; a copy per word column
-        _FP4_TABLES[key] = torch.cat([sel, lut]).to(torch.int32).to(device)
-    return _FP4_TABLES[key]
+    group_int4 = op.element is ElementCodec.INT4 and op.scale_mode(8 * words) is ScaleMode.PER_GROUP
+    if op.element is not ElementCodec.FP4_E2M1 and not group_int4:
+        return None
+    key = (device, op.element, op.scale_codec, words, op.scale_block_k)
+    if key not in _TABLES:
+        if group_int4:
+            g = torch.arange(words, dtype=torch.int64) // (op.scale_block_k // 8)
+            table = (2 * g) | ((2 * g + 1) << 4) | ((2 * g) << 8) | ((2 * g + 1) << 12)
+        else:
+            from . import _decode_kernel as dk
+
+            g = torch.arange(words, dtype=torch.int64) * 4 // words
+            sel = (g << 4) | ((g + 4) << 12) if op.scale_codec is ScaleCodec.E8M0 else g | ((g + 4) << 4)
+            lut = torch.tensor(dk.E2M1_LUT, dtype=torch.int64)
+            lut = (lut - ((lut >> 31) << 32)).repeat_interleave(words)  # int32 values; a copy per word column
+            table = torch.cat([sel, lut])
+        _TABLES[key] = table.to(torch.int32).to(device)
+    return _TABLES[key]
 
 
 def decode_asm(device: torch.device) -> bool:
@@ -633,15 +687,21 @@ def _launch_decode(call: "_Call", a, out, compute, km, asm: bool, out_order: KOr
     gated = call.activation is not None and call.activation.is_gated
     even_n = call.n_out % (block_n // 2) == 0 if gated else op.n % block_n == 0
     # fp4 bytes are read as int32 words of eight codes (like int4's), byte order unchanged; a K
-    # tile's four block scales as one int32 per row
+    # tile's four block scales as one int32 per row; int4 bf16 group scales as int32 pairs
     w_data, scale = op.data, op.scale
+    mode = op.scale_mode(block_k)
     if op.element is ElementCodec.FP4_E2M1:
         w_data, scale = op.data.view(torch.int32), op.scale.view(torch.int32)
+    elif op.element is ElementCodec.FP8_E4M3:
+        w_data = op.data.view(torch.int32)
+    elif mode is ScaleMode.PER_GROUP:
+        scale = op.scale.view(torch.int32)
     s_e, s_n, s_k = _strides3(scale)
+    a_arg = a.view(torch.uint8) if a.dtype == torch.float8_e4m3fn else a  # e4m3 codes read as bytes
     dk.moe_decode_kernel[grid](
-        a, w_data, out,
+        a_arg, w_data, out,
         call.sorted_ids, call.block_expert_ids, call.num_padded,
-        scale, op.global_scale, call.bias, call.topk_weights, fp4_decode_table(op, a.device),
+        scale, op.zero_point, op.global_scale, call.bias, call.topk_weights, decode_table(op, a.device), call.a_scale,
         op.n, call.n_out, op.k, call.num_pairs, max_padded, op.num_experts,
         a.stride(0), a.stride(1),
         *w_data.stride(),
@@ -652,7 +712,7 @@ def _launch_decode(call: "_Call", a, out, compute, km, asm: bool, out_order: KOr
         A_ROWS=int(call.a_rows),
         ELEMENT=int(op.element),
         SCALE_CODEC=int(op.scale_codec),
-        SCALE_MODE=int(op.scale_mode(block_k)),
+        SCALE_MODE=int(mode),
         SCALE_BLOCK_N=op.scale_block_n,
         SCALE_BLOCK_K=op.scale_block_k or 1,
         COMPUTE=km.TL_DTYPES[compute],
@@ -665,6 +725,7 @@ def _launch_decode(call: "_Call", a, out, compute, km, asm: bool, out_order: KOr
         FP8_NATIVE=fp8_native(a.device),
         ASM=asm,
         CUDA=a.device.type == "cuda",
+        A_CODES=_A_CODES.get(a.dtype, 0),
         OUT_PER_WORD=out_order.per_word,
         OUT_WORDS=out_order.words,
         EVEN_N=even_n,
