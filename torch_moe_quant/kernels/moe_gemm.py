@@ -76,7 +76,9 @@ from .config import GemmProblem, KernelConfig, fit_activation, select_config
 class DotPreference(enum.Enum):
     """Which ``DotKind`` ``moe_gemm`` may use (``choose_dot``)."""
 
-    AUTO = "auto"  # the native fp8 / int8 dot where ``choose_dot`` allows it, else COMPUTE
+    # the native fp8 / int8 dot where ``choose_dot`` allows it, else COMPUTE; at decode sizes the
+    # decode kernel may take per-row codes instead (its bf16 dot on the exact codes: decode_blocker)
+    AUTO = "auto"
     COMPUTE = "compute"  # always the dequantize-to-compute-dtype path
     NATIVE = "native"  # the native dot, or a ValueError/RuntimeError saying why not
 
@@ -552,7 +554,10 @@ def moe_gemm(
     if interpreted and compute == torch.bfloat16:
         compute = torch.float32  # the interpreter's bf16 tl.dot is broken (module docstring)
     _check_orders(a_order, out_order, call)
-    order = decode_order(op, act, cfg, call.compute_dtype, a.device, kernel)
+    if act is not None and dot is not DotPreference.AUTO and kernel is GemmKernel.AUTO:
+        order = NATURAL  # an explicit dot kind is the grouped kernel's (the decode kernel's dot is bf16 on codes)
+    else:
+        order = decode_order(op, act, cfg, call.compute_dtype, a.device, kernel)
     if not order.natural:
         if a_order != order:
             a = order.permute(a_order.unpermute(a))
