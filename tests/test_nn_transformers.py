@@ -310,3 +310,27 @@ def test_quantized_model_ignores_the_switch(registered):
     for impl in ("moe_quant", "eager", "grouped_mm"):
         model.set_experts_implementation(impl)
         assert torch.equal(logits(model), want)
+
+
+def test_llama4_experts_are_refused_before_anything_changes():
+    """Llama-4's experts run every expert on router-scaled inputs and take no
+    routing arguments: quantize_ refuses them with a ValueError naming the
+    module, and the model is left as it was (it used to report success and
+    leave a model whose forward raised TypeError)."""
+    from transformers import Llama4TextConfig
+    from transformers.models.llama4.modeling_llama4 import Llama4ForCausalLM
+
+    torch.manual_seed(0)
+    cfg = Llama4TextConfig(
+        vocab_size=128, hidden_size=64, intermediate_size=64, intermediate_size_mlp=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_local_experts=4, num_experts_per_tok=1,
+        interleave_moe_layer_step=1,
+    )
+    model = Llama4ForCausalLM(cfg).eval()
+    ids = torch.randint(0, 128, (1, 5))
+    before = model(ids).logits
+    types = [type(m) for m in model.modules()]
+    with pytest.raises(ValueError, match=r"feed_forward\.experts.*Llama4TextExperts.*filter_fn"):
+        tmq.quantize_(model, "int8_w8a16_channel")
+    assert [type(m) for m in model.modules()] == types
+    assert torch.equal(model(ids).logits, before)

@@ -31,6 +31,8 @@ Anything else raises ``ValueError`` naming the module.
 
 Not supported (``ValueError`` at planning time, nothing is modified): experts
 with ``has_post_expert_norm``, expert-parallel experts (``_is_expert_parallel``),
+experts whose forward takes the hidden states alone (Llama-4: every expert on
+router-scaled inputs, no routing arguments),
 custom gates other than gpt-oss's, ModuleLists of non-gated MLPs.
 Static-activation schemes (``*_static``, ``nvfp4_w4a4``, ``*_w*a8_fp8``) need
 per-module scales: run ``torch_moe_quant.calibrate_(model, sample_batches)``
@@ -50,6 +52,7 @@ quantized raises ``ValueError`` (quantize the float model instead).
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import enum
 import logging
 from typing import Callable, List, Mapping, Optional, Sequence, Tuple, Union
@@ -317,6 +320,19 @@ def resolve_activation(
 # Reading float weights.
 
 
+def _takes_no_routing(module: nn.Module) -> bool:
+    """Whether a 3-D experts module's ``forward`` takes the hidden states
+    alone (no routing arguments, no ``*args``): dense experts fed with
+    router-scaled inputs, as Llama-4's ``Llama4TextExperts``."""
+    try:
+        params = list(inspect.signature(type(module).forward).parameters.values())[1:]
+    except (TypeError, ValueError):
+        return False
+    if any(p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) for p in params):
+        return False
+    return len(params) == 1
+
+
 @dataclasses.dataclass(frozen=True)
 class FusedFlags:
     """Storage flags of a fused 3-D experts module (transformers'
@@ -339,6 +355,13 @@ def fused_flags(fqn: str, module: nn.Module) -> FusedFlags:
         raise ValueError(
             f"experts at {fqn!r} are expert-parallel (transformers EP); quantize_ supports "
             f"single-rank experts only"
+        )
+    if _takes_no_routing(module):
+        raise ValueError(
+            f"experts at {fqn!r} ({type(module).__name__}) run every expert on every token: their forward "
+            f"takes only the hidden states, with the router weights already applied to them (Llama-4 "
+            f"style), not top_k_index / top_k_weights, which the quantized module needs; torch_moe_quant "
+            f"does not support them yet: exclude them with filter_fn"
         )
     has_gate = getattr(module, "has_gate", None)
     if has_gate is None:
