@@ -544,6 +544,20 @@ def experts_tensors(experts: QuantizedExperts):
             yield field, value
 
 
+def check_activation(experts: QuantizedExperts, activation) -> Activation:
+    """``activation`` as an ``Activation``, which must agree with the experts
+    being gated (``w13`` holds 2I rows) or not (ValueError naming both)."""
+    act = as_activation(activation)
+    if act.is_gated != experts.is_gated:
+        kind = "gated" if act.is_gated else "non-gated"
+        rows = "2I" if act.is_gated else "I"
+        raise ValueError(
+            f"activation={act.value} is {kind} and needs w13 with {rows} rows; these experts have "
+            f"w13 rows={experts.w13.shape[1]}, I={experts.padded_intermediate_size}"
+        )
+    return act
+
+
 def check_inputs(hidden_states, experts, activation) -> Tuple[torch.Tensor, Activation]:
     if not isinstance(experts, QuantizedExperts):
         raise TypeError(
@@ -565,14 +579,7 @@ def check_inputs(hidden_states, experts, activation) -> Tuple[torch.Tensor, Acti
                 f"experts.{name} is on {t.device} but hidden_states is on {hidden_states.device}: "
                 f"move the experts with experts.to(device)"
             )
-    act = as_activation(activation)
-    if act.is_gated != experts.is_gated:
-        kind = "gated" if act.is_gated else "non-gated"
-        rows = "2I" if act.is_gated else "I"
-        raise ValueError(
-            f"activation={act.value} is {kind} and needs w13 with {rows} rows; these experts have "
-            f"w13 rows={experts.w13.shape[1]}, I={experts.padded_intermediate_size}"
-        )
+    act = check_activation(experts, activation)
     # fp32 math; float64 inputs (gradcheck) keep float64
     x = hidden_states.to(torch.promote_types(hidden_states.dtype, torch.float32))
     pad = experts.padded_hidden_size - experts.hidden_size

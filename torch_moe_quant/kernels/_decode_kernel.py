@@ -290,16 +290,11 @@ def _fp4_scaled_asm(words, swords, sel, t0, t1, t2, t3, SCALE_CODEC: tl.constexp
     one their bytes 2, 3, each decoded as ``_E2M1_X8`` says (32 instructions
     per 16 values); the scale pair costs 5 (e8m0) or 6 (e4m3) more and its
     product 8 ``mul.bf16x2``."""
-    if SCALE_CODEC == _SC_E8M0:
-        return tl.inline_asm_elementwise(
-            asm=_FP4_MX_PTX, constraints="=r,=r,=r,=r,=r,=r,=r,=r" + ",r" * 14,
-            args=[words, swords, sel, t0, t1, t2, t3], dtype=(tl.bfloat16,) * 8, is_pure=True, pack=2,
-        )
-    else:
-        return tl.inline_asm_elementwise(
-            asm=_FP4_NV_PTX, constraints="=r,=r,=r,=r,=r,=r,=r,=r" + ",r" * 14,
-            args=[words, swords, sel, t0, t1, t2, t3], dtype=(tl.bfloat16,) * 8, is_pure=True, pack=2,
-        )
+    return tl.inline_asm_elementwise(
+        asm=_FP4_MX_PTX if SCALE_CODEC == _SC_E8M0 else _FP4_NV_PTX,
+        constraints="=r,=r,=r,=r,=r,=r,=r,=r" + ",r" * 14,
+        args=[words, swords, sel, t0, t1, t2, t3], dtype=(tl.bfloat16,) * 8, is_pure=True, pack=2,
+    )
 
 
 @triton.jit

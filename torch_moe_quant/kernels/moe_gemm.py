@@ -144,7 +144,7 @@ DECODE_MAX_BLOCK_M = 32
 #: Weight rows per program of the decode kernel (None: ``_decode_block_n``'s choice per format).
 DECODE_BLOCK_N: Optional[int] = None
 #: the input order each packed weight is read in (``KOrder``): its span is also the kernel's K tile
-#: (BLOCK_K = 8 codes x ``words`` int32 words a row), so K, a multiple of the span, needs no K
+#: (BLOCK_K = codes a word (8, or 4 for fp8) x ``words`` int32 words a row), so K, a multiple of the span, needs no K
 #: masks in the kernel. fp4 tiles hold four block scales a row (one int32 of scale bytes):
 #: 128 columns for mxfp4's groups of 32, 64 for nvfp4's 16
 _INT4_ORDER = KOrder(8, 16)
@@ -153,7 +153,7 @@ _FP8_ORDER = KOrder(4, 32)  # e4m3 weights: four codes a word
 
 
 def _decode_k_order(op: WeightOperand) -> Optional[KOrder]:
-    """The decode kernel's ``KOrder`` for this weight (None: not an int4 / fp4 one it reads)."""
+    """The decode kernel's ``KOrder`` for this weight (None: not an int4 / fp4 / fp8 one it reads)."""
     if op.element is ElementCodec.INT4:
         return _INT4_ORDER
     if op.element is ElementCodec.FP4_E2M1:
@@ -182,7 +182,8 @@ def decode_blocker(
         return "the activation is quantized in the GEMM (only per-row fp8 / int8 codes are read)"
     order = _decode_k_order(op)
     if order is None:
-        return f"{op.element.name} weights with groups of {op.scale_block_k} (int4, and fp4 in groups of 16 / 32 only)"
+        return (f"{op.element.name} weights with groups of {op.scale_block_k} "
+                f"(int4, fp8, and fp4 in groups of 16 / 32 only)")
     if op.g_idx is not None:
         return "act-order weights (g_idx)"
     if op.k % order.span:
@@ -214,7 +215,8 @@ def decode_blocker(
 
 
 def _byte_words_ok(op: WeightOperand) -> bool:
-    """Whether one-byte codes ``[E, N, K]`` can be viewed as int32 words."""
+    """Whether the weight's byte codes (fp8, or packed fp4 pairs) ``[E, N, K']``
+    can be viewed as int32 words: last dim contiguous, the view aligned."""
     d = op.data
     return d.stride(-1) == 1 and d.data_ptr() % 4 == 0 and all(st % 4 == 0 for st in d.stride()[:-1])
 
@@ -238,8 +240,7 @@ def _fp4_views_ok(op: WeightOperand) -> bool:
     if op.scale is None:
         return False
     return (
-        op.data.stride(-1) == 1 and op.data.data_ptr() % 4 == 0 and all(st % 4 == 0 for st in op.data.stride()[:-1])
-        and op.scale.stride(-1) == 1 and op.scale.data_ptr() % width == 0
+        _byte_words_ok(op) and op.scale.stride(-1) == 1 and op.scale.data_ptr() % width == 0
         and all(st % width == 0 for st in op.scale.stride()[:-1]) and op.scale.shape[-1] % width == 0
     )
 

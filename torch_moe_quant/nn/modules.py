@@ -34,8 +34,8 @@ from typing import Dict, Iterator, List, Optional, Tuple, Union
 import torch
 from torch import nn
 
-from ..activations import Activation, GateUpLayout, as_activation
-from ..experts import QuantizedExperts
+from ..activations import Activation, GateUpLayout
+from ..experts import QuantizedExperts, check_activation
 from ..formats.core import QuantizedTensor
 from ..moe import fused_moe
 from ..ops.signature import ExpertsSignature
@@ -82,13 +82,7 @@ class QuantizedExpertsModule(nn.Module):
                 f"experts must be a QuantizedExperts (torch_moe_quant.quantize_experts), "
                 f"got {type(experts).__name__}"
             )
-        act = as_activation(activation)
-        if act.is_gated != experts.is_gated:
-            kind = "gated" if act.is_gated else "non-gated"
-            raise ValueError(
-                f"activation={act.value} is {kind} but the experts' w13 has "
-                f"{experts.w13.shape[1]} rows for I={experts.padded_intermediate_size}"
-            )
+        act = check_activation(experts, activation)
         self.scheme: Scheme = experts.scheme
         self.layout: GateUpLayout = experts.layout
         self.activation: Activation = act
