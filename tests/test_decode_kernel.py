@@ -94,6 +94,24 @@ def test_decode_matches_ref_and_grouped(name, M):
     assert rel_err(out, grouped) < 2e-3
 
 
+@pytest.mark.parametrize("name", ["int4_g128", "int4_g128_zp", "int4_g32"])
+def test_decode_unrolled_k_tiles_and_tail(name, monkeypatch):
+    """int4 runs two K tiles an iteration (``moe_gemm._decode_unroll``); a K that
+    is an odd number of tiles leaves one for the tail loop. Same result as one
+    tile an iteration (the same dots in the same order: bit-identical), and as
+    the reference."""
+    M, k = 5, 384  # one iteration of two tiles, one tile in the tail loop
+    w = _weight(name, k=k)
+    a = torch.randn(M, k, generator=torch.Generator().manual_seed(8)).half()
+    assert mg._decode_unroll(WeightOperand.of(w), TILE.block_m) == 2
+    out, al = _gemm(mg.GemmKernel.DECODE, a, w, M)
+    monkeypatch.setattr(mg, "DECODE_UNROLL", 1)
+    one, _ = _gemm(mg.GemmKernel.DECODE, a, w, M)
+    assert torch.equal(out, one)
+    ref = mg.moe_gemm_ref(a, w, *al, top_k=TOP_K, a_rows=ARows.TOKENS, config=TILE)
+    assert rel_err(out, ref) < 2e-3  # fp16 output rounding
+
+
 @pytest.mark.parametrize(
     "name, layout",
     [("int4_g128", GateUpLayout.UP_GATE), ("mxfp4", GateUpLayout.INTERLEAVED), ("nvfp4", GateUpLayout.GATE_UP),

@@ -48,7 +48,8 @@ row scale applies in the epilogue.
 Instruction counts per K tile and warp (sm_90 SASS, 128 rows, 4 warps, per
 8 KiB of codes): int4 315 (g128), 301 (per column), 336 (g128 with zero
 points), 404 / 412 (g64 / g32); mxfp4 479 (708 with the G copies); nvfp4 570
-(766); fp8 256 (64 rows x 128 columns, per-column scales). The e2m1 table decode costs about 2 instructions per value and the
+(766); fp8 256 (64 rows x 128 columns, per-column scales). int4 as it runs now (64 rows, two
+K tiles an iteration: ``UNROLL``): 359 per 8 KiB (g128). The e2m1 table decode costs about 2 instructions per value and the
 scale 0.6, against int4's 1.5. Measured at M = 16 (bench/decode_tune.py,
 one GEMM, H200): mxfp4 / nvfp4 streamed at 45-51% of the HBM floor on
 gpt-oss / mixtral / deepseek shapes, from 25-34% with the G copies.
@@ -395,10 +396,106 @@ def _opaque(x):
 
 
 @triton.jit
-def _gather_a_t(a_ptrs_t, offs_k, row_ok, stride_ak):
+def _gather_a_t(a_ptrs_t, offs_k, ok, stride_ak):
     """``A^T[offs_k, rows]``: the activation rows of the block at columns
-    ``offs_k`` (any stride; inside K, a multiple of the tile), zero for masked rows."""
-    return tl.load(a_ptrs_t + offs_k[:, None] * stride_ak, mask=row_ok[None, :], other=0.0)
+    ``offs_k`` (any stride), zero where ``ok`` (``[1 or BLOCK_K, BLOCK_M]``) is false."""
+    return tl.load(a_ptrs_t + offs_k[:, None] * stride_ak, mask=ok, other=0.0)
+
+
+@triton.jit
+def _k_tile(
+    acc, k0, w_rows, stride_wk, n_ok, s_rows, z_rows, stride_sk, a_ptrs_t, row_ok, stride_ak,
+    sel4, sel, lut0, lut1, lut2, lut3,
+    ELEMENT: tl.constexpr, SCALE_CODEC: tl.constexpr, SCALE_MODE: tl.constexpr, SCALE_BLOCK_K: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, COMPUTE: tl.constexpr, FP8_NATIVE: tl.constexpr,
+    ASM: tl.constexpr, CUDA: tl.constexpr, A_CODES: tl.constexpr, EVEN_N: tl.constexpr, HAS_ZP: tl.constexpr,
+):
+    """``acc`` plus the product of K tile ``k0`` (columns ``k0 ... k0 + BLOCK_K``, inside K):
+    load its words, decode them, gather the activation block, one dot (see the module docstring)."""
+    CPW: tl.constexpr = 4 if ELEMENT == _EL_FP8 else 8  # codes per int32 word
+    SUB: tl.constexpr = BLOCK_K // CPW  # int32 words per row and K tile
+    WPS: tl.constexpr = SCALE_BLOCK_K // 8  # int4 groups of 32 / 64, fp4 blocks: words per scale
+    SPT: tl.constexpr = BLOCK_K // SCALE_BLOCK_K // 2  # int4 groups of 32 / 64: int32 scale words per row and tile
+    offs_w = k0 // CPW + tl.arange(0, SUB)
+    if EVEN_N:
+        words = tl.load(w_rows + offs_w[None, :] * stride_wk)
+    else:
+        words = tl.load(w_rows + offs_w[None, :] * stride_wk, mask=n_ok[:, None], other=0)
+    # sub-tile j = code j of every word (natural column k0 + CPW * w + j)
+    if ELEMENT == _EL_FP8:
+        if ASM:
+            u0, u1, u2, u3 = _fp8_split_asm(words)
+        else:
+            u0, u1, u2, u3 = _fp8_codes4(words, FP8_NATIVE, COMPUTE)
+        wt = _cat4(u0, u1, u2, u3, BLOCK_N, BLOCK_K)
+    elif ELEMENT == _EL_INT4:
+        if HAS_ZP:
+            # zero points (groups that are multiples of the tile, or one per row): the bias of
+            # the packed subtraction becomes 136 + z, exact; the scale stays on the fp32 product
+            zk = k0 // SCALE_BLOCK_K if SCALE_MODE == _SM_PER_K_TILE else 0
+            z = tl.load(z_rows + zk * stride_sk, mask=n_ok, other=0).to(tl.int32)
+            if ASM:
+                v0, v1, v2, v3, v4, v5, v6, v7 = _int4_zp_asm(words, ((0x4308 + z) * 0x10001)[:, None])
+            else:
+                v0, v1, v2, v3, v4, v5, v6, v7 = _codes8(words, 8 + z[:, None], 1.0, COMPUTE)
+        elif SCALE_MODE == _SM_PER_GROUP:
+            t = (k0 // BLOCK_K) * SPT
+            if EVEN_N:
+                sw0 = tl.load(s_rows + t * stride_sk)
+                sw1 = tl.load(s_rows + (t + SPT - 1) * stride_sk)
+            else:
+                sw0 = tl.load(s_rows + t * stride_sk, mask=n_ok, other=0)
+                sw1 = tl.load(s_rows + (t + SPT - 1) * stride_sk, mask=n_ok, other=0)
+            if ASM:
+                v0, v1, v2, v3, v4, v5, v6, v7 = _int4_scaled_asm(words, sw0[:, None], sw1[:, None], sel4)
+            else:
+                v0, v1, v2, v3, v4, v5, v6, v7 = _codes8(words, 8, _int4_word_scales(sw0, sw1, SUB, WPS), COMPUTE)
+        elif ASM:
+            v0, v1, v2, v3, v4, v5, v6, v7 = _int4_split_asm(words)
+        else:
+            v0, v1, v2, v3, v4, v5, v6, v7 = _codes8(words, 8, 1.0, COMPUTE)
+    else:
+        if EVEN_N:
+            swords = tl.load(s_rows + (k0 // BLOCK_K) * stride_sk)
+        else:
+            swords = tl.load(s_rows + (k0 // BLOCK_K) * stride_sk, mask=n_ok, other=0)
+        if ASM:
+            # per-word scale selectors, loaded (moe_gemm.decode_table) rather than computed
+            # from tl.arange: with an arange operand Triton 3.6 did not give the asm the dot's
+            # register layout and moved the decoded tile through shared memory (SASS: 16 STS,
+            # 708 -> 576 instructions per 8 KiB tile once loaded)
+            v0, v1, v2, v3, v4, v5, v6, v7 = _fp4_scaled_asm(
+                words, swords[:, None], sel, lut0, lut1, lut2, lut3, SCALE_CODEC)
+        else:
+            v0, v1, v2, v3, v4, v5, v6, v7 = _codes8_scaled(
+                words, _word_scales(swords, SUB, WPS, SCALE_CODEC, FP8_NATIVE), COMPUTE)
+    if ELEMENT != _EL_FP8:
+        # the eight sub-tiles side by side along K (column j * SUB + w = code j of word w: the
+        # KOrder(8, SUB) position of natural column 8w + j): one dot per K tile
+        wt = _cat8(v0, v1, v2, v3, v4, v5, v6, v7, BLOCK_N, BLOCK_K)
+    a_t = _gather_a_t(a_ptrs_t, k0 + tl.arange(0, BLOCK_K), row_ok, stride_ak)
+    if A_CODES == _A_FP8:
+        a_t = _e4m3_to_f32(a_t, FP8_NATIVE)  # e4m3 codes (as bytes), exact in bf16
+    a_t = a_t.to(COMPUTE)  # int8 codes too: exact, and int8 x int4 products sum exactly in fp32
+    if SCALE_MODE == _SM_PER_K_TILE:
+        # (this load, which does not feed the dot, stays synchronous: Triton pipelines the dot's
+        # operands. Loading the next iteration's scales and zero points into registers instead
+        # ran slower on the H200: g128 3-6%, zero points 25-50%, bench/results/h200_decode_rows.md)
+        s = _decode_scale(tl.load(s_rows + (k0 // SCALE_BLOCK_K) * stride_sk, mask=n_ok, other=0), SCALE_CODEC, FP8_NATIVE)
+        acc += tl.dot(wt, a_t) * s[:, None]
+    else:
+        # not ``tl.dot(wt, a_t, acc)``: with a loop-carried accumulator Triton 3.6 splits the
+        # register-operand dot into 8 wgmma of K = 16 kept in flight together (``pendings =
+        # 7``), and the decoded registers of the next tile raced them: deepseek-v3 w13 at M = 256
+        # (BLOCK_M 32, gated) gave run-to-run different outputs in a few weight rows. One dot per
+        # tile into a fresh accumulator, added in fp32 (as the int4 per-K-tile path), is exact
+        # and deterministic (and 40 instructions a tile shorter: no wgmma fences); on CUDA
+        # ``_opaque`` keeps Triton from folding the add back into the dot.
+        part = tl.dot(wt, a_t)
+        if CUDA:
+            part = _opaque(part)
+        acc += part
+    return acc
 
 
 @triton.jit
@@ -433,6 +530,8 @@ def moe_decode_kernel(
     OUT_PER_WORD: tl.constexpr,
     OUT_WORDS: tl.constexpr,
     EVEN_N: tl.constexpr,
+    UNROLL: tl.constexpr,
+    EVEN_K: tl.constexpr,
 ):
     # ---- tile coordinates: the N tiles of one row block are neighbours (its A rows stay in L1/L2)
     pid = tl.program_id(0)
@@ -454,17 +553,16 @@ def moe_decode_kernel(
     w_rows = w_ptr + expert * stride_we + offs_n[:, None] * stride_wn  # [BLOCK_N, 1]
     s_rows = scale_ptr + expert * stride_se + (offs_n // SCALE_BLOCK_N) * stride_sn  # [BLOCK_N]
     acc = tl.full((BLOCK_N, BLOCK_M), 0.0, tl.float32)
+    HAS_ZP: tl.constexpr = zp_ptr is not None
 
     CPW: tl.constexpr = 4 if ELEMENT == _EL_FP8 else 8  # codes per int32 word
     SUB: tl.constexpr = BLOCK_K // CPW  # int32 words per row and K tile
-    if zp_ptr is not None:
+    if HAS_ZP:
         z_rows = zp_ptr + expert * stride_se + (offs_n // SCALE_BLOCK_N) * stride_sn  # same strides as the scales
     if ELEMENT == _EL_INT4:
         if SCALE_MODE == _SM_PER_GROUP:
             # bf16 group scales of 32 / 64 columns (4 / 2 a tile) multiply the decoded codes; a row's
             # tile scales are two int32 (g32) or one (g64, read twice); word w takes scale w // WPS
-            WPS4: tl.constexpr = SCALE_BLOCK_K // 8
-            SPT: tl.constexpr = BLOCK_K // SCALE_BLOCK_K // 2  # int32 scale words per row and tile
             if ASM:
                 sel4 = tl.load(tab_ptr + tl.arange(0, SUB))[None, :]
     elif ELEMENT == _EL_FP4:
@@ -484,83 +582,37 @@ def moe_decode_kernel(
             lut1 = tl.load(tab_ptr + 2 * SUB + offs_t)[None, :]
             lut2 = tl.load(tab_ptr + 3 * SUB + offs_t)[None, :]
             lut3 = tl.load(tab_ptr + 4 * SUB + offs_t)[None, :]
-    for k0 in range(0, K, BLOCK_K):
-        offs_w = k0 // CPW + tl.arange(0, SUB)
-        if EVEN_N:
-            words = tl.load(w_rows + offs_w[None, :] * stride_wk)
-        else:
-            words = tl.load(w_rows + offs_w[None, :] * stride_wk, mask=n_ok[:, None], other=0)
-        # sub-tile j = code j of every word (natural column k0 + CPW * w + j)
-        if ELEMENT == _EL_FP8:
-            if ASM:
-                u0, u1, u2, u3 = _fp8_split_asm(words)
-            else:
-                u0, u1, u2, u3 = _fp8_codes4(words, FP8_NATIVE, COMPUTE)
-            wt = _cat4(u0, u1, u2, u3, BLOCK_N, BLOCK_K)
-        elif ELEMENT == _EL_INT4:
-            if zp_ptr is not None:
-                # zero points (groups that are multiples of the tile, or one per row): the bias of
-                # the packed subtraction becomes 136 + z, exact; the scale stays on the fp32 product
-                zk = k0 // SCALE_BLOCK_K if SCALE_MODE == _SM_PER_K_TILE else 0
-                z = tl.load(z_rows + zk * stride_sk, mask=n_ok, other=0).to(tl.int32)
-                if ASM:
-                    v0, v1, v2, v3, v4, v5, v6, v7 = _int4_zp_asm(words, ((0x4308 + z) * 0x10001)[:, None])
-                else:
-                    v0, v1, v2, v3, v4, v5, v6, v7 = _codes8(words, 8 + z[:, None], 1.0, COMPUTE)
-            elif SCALE_MODE == _SM_PER_GROUP:
-                t = (k0 // BLOCK_K) * SPT
-                if EVEN_N:
-                    sw0 = tl.load(s_rows + t * stride_sk)
-                    sw1 = tl.load(s_rows + (t + SPT - 1) * stride_sk)
-                else:
-                    sw0 = tl.load(s_rows + t * stride_sk, mask=n_ok, other=0)
-                    sw1 = tl.load(s_rows + (t + SPT - 1) * stride_sk, mask=n_ok, other=0)
-                if ASM:
-                    v0, v1, v2, v3, v4, v5, v6, v7 = _int4_scaled_asm(words, sw0[:, None], sw1[:, None], sel4)
-                else:
-                    v0, v1, v2, v3, v4, v5, v6, v7 = _codes8(words, 8, _int4_word_scales(sw0, sw1, SUB, WPS4), COMPUTE)
-            elif ASM:
-                v0, v1, v2, v3, v4, v5, v6, v7 = _int4_split_asm(words)
-            else:
-                v0, v1, v2, v3, v4, v5, v6, v7 = _codes8(words, 8, 1.0, COMPUTE)
-        else:
-            if EVEN_N:
-                swords = tl.load(s_rows + (k0 // BLOCK_K) * stride_sk)
-            else:
-                swords = tl.load(s_rows + (k0 // BLOCK_K) * stride_sk, mask=n_ok, other=0)
-            if ASM:
-                # per-word scale selectors, loaded (moe_gemm.decode_table) rather than computed
-                # from tl.arange: with an arange operand Triton 3.6 did not give the asm the dot's
-                # register layout and moved the decoded tile through shared memory (SASS: 16 STS,
-                # 708 -> 576 instructions per 8 KiB tile once loaded)
-                v0, v1, v2, v3, v4, v5, v6, v7 = _fp4_scaled_asm(
-                    words, swords[:, None], sel, lut0, lut1, lut2, lut3, SCALE_CODEC)
-            else:
-                v0, v1, v2, v3, v4, v5, v6, v7 = _codes8_scaled(
-                    words, _word_scales(swords, SUB, WPS, SCALE_CODEC, FP8_NATIVE), COMPUTE)
-        if ELEMENT != _EL_FP8:
-            # the eight sub-tiles side by side along K (column j * SUB + w = code j of word w: the
-            # KOrder(8, SUB) position of natural column 8w + j): one dot per K tile
-            wt = _cat8(v0, v1, v2, v3, v4, v5, v6, v7, BLOCK_N, BLOCK_K)
-        a_t = _gather_a_t(a_ptrs_t, k0 + tl.arange(0, BLOCK_K), row_ok, stride_ak)
-        if A_CODES == _A_FP8:
-            a_t = _e4m3_to_f32(a_t, FP8_NATIVE)  # e4m3 codes (as bytes), exact in bf16
-        a_t = a_t.to(COMPUTE)  # int8 codes too: exact, and int8 x int4 products sum exactly in fp32
-        if SCALE_MODE == _SM_PER_K_TILE:
-            s = _decode_scale(tl.load(s_rows + (k0 // SCALE_BLOCK_K) * stride_sk, mask=n_ok, other=0), SCALE_CODEC, FP8_NATIVE)
-            acc += tl.dot(wt, a_t) * s[:, None]
-        else:
-            # not ``tl.dot(wt, a_t, acc)``: with a loop-carried accumulator Triton 3.6 splits the
-            # register-operand dot into 8 wgmma of K = 16 kept in flight together (``pendings =
-            # 7``), and the decoded registers of the next tile raced them: deepseek-v3 w13 at M = 256
-            # (BLOCK_M 32, gated) gave run-to-run different outputs in a few weight rows. One dot per
-            # tile into a fresh accumulator, added in fp32 (as the int4 per-K-tile path), is exact
-            # and deterministic (and 40 instructions a tile shorter: no wgmma fences); on CUDA
-            # ``_opaque`` keeps Triton from folding the add back into the dot.
-            part = tl.dot(wt, a_t)
-            if CUDA:
-                part = _opaque(part)
-            acc += part
+    # UNROLL K tiles per iteration, each loaded in its own ``tl.load`` but issued together, so every
+    # weight row streams UNROLL x BLOCK_K codes' bytes at once (``moe_gemm._decode_unroll``).
+    # Measured on the H200 (bench/results/h200_decode_rows.md, int4 per column, M = 16, one GEMM):
+    # 64 B a row per tile streamed at 50-57% of the floor on mixtral / gpt-oss / deepseek, 128 B at
+    # 64-76% (fp8's 128 B rows already ran at ~80%): a row's 64-byte halves, requested a pipeline
+    # stage apart, cost DRAM efficiency. K tiles past the last whole iteration (K is a multiple of
+    # BLOCK_K, not always of the iteration) run one by one in a second loop: masking them in the
+    # first (per-word compares) cost the loads their 16-byte vectors (gpt-oss w13: 0.1182 ms masked,
+    # 0.1054 with the tail loop, 0.110-0.117 with one tile an iteration).
+    if EVEN_K:
+        K_MAIN = K
+    else:
+        K_MAIN = K - K % (BLOCK_K * UNROLL)
+    if not HAS_ZP:
+        z_rows = s_rows  # (unused)
+    if not (ELEMENT == _EL_INT4 and SCALE_MODE == _SM_PER_GROUP and ASM):
+        sel4 = 0  # (unused)
+    if not (ELEMENT == _EL_FP4 and ASM):
+        sel, lut0, lut1, lut2, lut3 = 0, 0, 0, 0, 0  # (unused)
+    for k_it in range(0, K_MAIN, BLOCK_K * UNROLL):
+        for u in tl.static_range(UNROLL):
+            acc = _k_tile(
+                acc, k_it + u * BLOCK_K, w_rows, stride_wk, n_ok, s_rows, z_rows, stride_sk, a_ptrs_t, row_ok, stride_ak,
+                sel4, sel, lut0, lut1, lut2, lut3, ELEMENT, SCALE_CODEC, SCALE_MODE, SCALE_BLOCK_K, BLOCK_N, BLOCK_K,
+                COMPUTE, FP8_NATIVE, ASM, CUDA, A_CODES, EVEN_N, HAS_ZP)
+    if not EVEN_K:
+        for k0 in tl.range(K_MAIN, K, BLOCK_K, num_stages=1):
+            acc = _k_tile(
+                acc, k0, w_rows, stride_wk, n_ok, s_rows, z_rows, stride_sk, a_ptrs_t, row_ok, stride_ak,
+                sel4, sel, lut0, lut1, lut2, lut3, ELEMENT, SCALE_CODEC, SCALE_MODE, SCALE_BLOCK_K, BLOCK_N, BLOCK_K,
+                COMPUTE, FP8_NATIVE, ASM, CUDA, A_CODES, EVEN_N, HAS_ZP)
 
     if SCALE_MODE == _SM_PER_COLUMN:
         col_scale = _decode_scale(tl.load(s_rows, mask=n_ok, other=0), SCALE_CODEC, FP8_NATIVE)

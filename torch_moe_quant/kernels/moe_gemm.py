@@ -163,8 +163,30 @@ def _decode_k_order(op: WeightOperand) -> Optional[KOrder]:
     return None
 
 
-DECODE_STAGES = 4
+#: pipeline stages of the decode kernel (None: 3 when it unrolls K tiles, else 4; measured in
+#: bench/results/h200_decode_rows.md)
+DECODE_STAGES: Optional[int] = None
 DECODE_WARPS = 4
+#: K tiles per decode-kernel iteration (None: ``_decode_unroll``'s choice per format)
+DECODE_UNROLL: Optional[int] = None
+
+
+def _decode_unroll(op: WeightOperand, block_m: int) -> int:
+    """K tiles per decode-kernel iteration: 2 for int4 with up to 16 token rows
+    (a row's two tiles' words are loaded together, 128 contiguous bytes), 1
+    for the others. Measured on the H200 at M = 16 (one GEMM,
+    bench/results/h200_decode_rows.md): int4 g128 went from 0.1993 / 0.1173 /
+    0.2141 ms to 0.1657 / 0.1054 / 0.1732 on the mixtral / gpt-oss / deepseek-v3
+    w13 GEMMs (58 / 53 / 54% -> 70 / 59 / 67% of the floor), zero points
+    0.2142 -> 0.2032 (mixtral w13). fp4, bound by its decode's instructions,
+    moved within +-5% either way at M = 16 with 2 tiles (and 9% slower on
+    gpt-oss at M = 256 with 64 rows, a stage's shared memory doubled), nvfp4 with
+    4 tiles 5-30% slower; fp8 reads 128 bytes a row and tile already. With 32
+    token rows (mixtral at M = 256) a stage's activation block doubles and 2
+    tiles ran 6% slower (0.819 -> 0.874 ms, the whole forward)."""
+    if DECODE_UNROLL is not None:
+        return DECODE_UNROLL
+    return 2 if op.element is ElementCodec.INT4 and block_m <= 16 else 1
 
 
 def decode_blocker(
@@ -625,7 +647,9 @@ def _decode_block_n(op: WeightOperand, tokens: int) -> int:
     M = 16 up (5-10% over 64) and with 64 at M = 1 (up to 1.3x: twice the
     programs when only top_k experts stream). Rerun with the fp4 scales in the
     decode (h200_decode_tune_fp4.log): 64 and 128 rows within 5% of each other
-    at M = 16 (each best at half the GEMMs), 64 still best at M = 1."""
+    at M = 16 (each best at half the GEMMs), 64 still best at M = 1. int4 with
+    two K tiles an iteration (``_decode_unroll``) ran best with 64 rows at every
+    M = 16 GEMM (h200_decode_rows.md)."""
     if DECODE_BLOCK_N is not None:
         return DECODE_BLOCK_N
     if op.element in (ElementCodec.INT4, ElementCodec.FP8_E4M3):  # fp8: 64 rows = 8 KiB a tile too (not tuned yet)
@@ -688,6 +712,7 @@ def _launch_decode(call: "_Call", a, out, compute, km, asm: bool, out_order: KOr
     block_k = _decode_k_order(op).span  # decode_blocker: K is a multiple of it
     max_padded = call.sorted_ids.numel()
     block_n = _decode_block_n(op, call.num_pairs // call.top_k)
+    unroll = _decode_unroll(op, cfg.block_m)
     grid = (_cdiv(max_padded, cfg.block_m) * _cdiv(op.n, block_n),)
     bias_strides = call.bias.stride() if call.bias is not None else (0, 0)
     gated = call.activation is not None and call.activation.is_gated
@@ -735,8 +760,10 @@ def _launch_decode(call: "_Call", a, out, compute, km, asm: bool, out_order: KOr
         OUT_PER_WORD=out_order.per_word,
         OUT_WORDS=out_order.words,
         EVEN_N=even_n,
+        UNROLL=unroll,
+        EVEN_K=op.k % (block_k * unroll) == 0,
         num_warps=DECODE_WARPS,
-        num_stages=DECODE_STAGES,
+        num_stages=DECODE_STAGES or (3 if unroll > 1 else 4),
     )
 
 
