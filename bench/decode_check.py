@@ -15,6 +15,7 @@
 
 from __future__ import annotations
 
+import argparse
 import importlib
 import sys
 
@@ -37,21 +38,27 @@ def main() -> int:
     from torch_moe_quant.kernels.align import align_triton
     from torch_moe_quant.kernels.config import GemmProblem, select_config
 
+    p = argparse.ArgumentParser()
+    p.add_argument("--schemes", nargs="*", default=SCHEMES)
+    p.add_argument("--M", type=int, nargs="*", default=[1, 16, 256])
+    p.add_argument("--shapes", nargs="*", default=list(SHAPES))
+    args = p.parse_args()
     dev = torch.device("cuda")
     timer = Timer(10)
     fails = 0
     print("| shape | M | scheme | gemm | decode ms | grouped ms | speed-up | err decode | err grouped | asm==plain |")
     print("|---|---|---|---|---|---|---|---|---|---|")
-    for sname, shape in SHAPES.items():
+    for sname in args.shapes:
+        shape = SHAPES[sname]
         g = torch.Generator(device=dev).manual_seed(0)
         E, H, I = shape.E, shape.H, shape.I
         # a quarter of the experts (the kernels are per expert; full size only for mixtral)
         E_run = E if E <= 8 else 32
         w13 = torch.randn(E_run, 2 * I, H, device=dev, dtype=torch.bfloat16, generator=g) / H ** 0.5
         w2 = torch.randn(E_run, H, I, device=dev, dtype=torch.bfloat16, generator=g) / I ** 0.5
-        for scheme in SCHEMES:
+        for scheme in args.schemes:
             ex = tmq.quantize_experts(w13, w2, scheme, layout=shape.layout, pad_to=128)
-            for M in (1, 16, 256):
+            for M in args.M:
                 x = torch.randn(M, ex.padded_hidden_size, device=dev, dtype=torch.bfloat16, generator=g)
                 ids = torch.stack([torch.randperm(E_run, device=dev, generator=g)[: shape.top_k] for _ in range(M)]).int()
                 tw = torch.rand(M, shape.top_k, device=dev, generator=g)
