@@ -202,6 +202,52 @@ def test_deepseek_v3_near_miss(lowered, router):
     assert_same(by_expert(*out), by_expert(*router(*args)))
 
 
+def _one_kept_group(logits, bias, groups, normalize):  # DeepseekV3TopkRouter / Glm4MoeTopkRouter, topk_group = 1
+    scores = logits.sigmoid()
+    choice = scores + bias
+    group_scores = choice.view(-1, groups, 16 // groups).topk(2, dim=-1)[0].sum(dim=-1)
+    group_idx = torch.topk(group_scores, k=1, dim=-1, sorted=False)[1]
+    group_mask = torch.zeros_like(group_scores)
+    group_mask.scatter_(1, group_idx, 1)
+    score_mask = group_mask.unsqueeze(-1).expand(-1, groups, 16 // groups).reshape(-1, 16)
+    choice = choice.masked_fill(~score_mask.bool(), float("-inf"))
+    ids = torch.topk(choice, k=DS_TOP_K, dim=-1, sorted=False)[1]
+    weights = scores.gather(1, ids)
+    if normalize:
+        weights /= weights.sum(dim=-1, keepdim=True) + 1e-20
+    return weights, ids
+
+
+def one_kept_of_4(logits, bias):
+    return _one_kept_group(logits, bias, 4, True)
+
+
+def one_group(logits, bias):
+    return _one_kept_group(logits, bias, 1, True)
+
+
+def one_kept_of_4_unnormalized(logits, bias):
+    return _one_kept_group(logits, bias, 4, False)
+
+
+def one_group_unnormalized(logits, bias):
+    return _one_kept_group(logits, bias, 1, False)
+
+
+@pytest.mark.parametrize("router, rewritten", [
+    (one_kept_of_4, True), (one_group, True), (one_kept_of_4_unnormalized, False), (one_group_unnormalized, False),
+], ids=lambda x: getattr(x, "__name__", str(x)))
+def test_deepseek_v3_one_kept_group(lowered, router, rewritten):
+    """topk_group = 1 (GLM-4-MoE: one group of all experts): Inductor's joint-graph
+    pass has turned the group-mask scatter into a one-hot compare before ours runs;
+    the one-group patterns take that form (and leave the unnormalized router alone)."""
+    args = deepseek_inputs()
+    out, (code,) = run_and_get_code(torch.compile(router, fullgraph=True, dynamic=True), *args)
+    assert rewrites() == ({"deepseek_v3": 1} if rewritten else {})
+    assert (ROUTE_CALL in code) == rewritten
+    assert_same(by_expert(*out), by_expert(*router(*args)))
+
+
 # ------------------------------------------------------------ goldens
 
 
@@ -441,6 +487,7 @@ def _hf_routers():
     pytest.importorskip("transformers")
     from transformers import (
         DeepseekV3Config,
+        Glm4MoeConfig,
         GptOssConfig,
         Llama4TextConfig,
         MixtralConfig,
@@ -448,6 +495,7 @@ def _hf_routers():
         Qwen3MoeConfig,
     )
     from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3TopkRouter
+    from transformers.models.glm4_moe.modeling_glm4_moe import Glm4MoeTopkRouter
     from transformers.models.gpt_oss.modeling_gpt_oss import GptOssTopKRouter
     from transformers.models.llama4.modeling_llama4 import Llama4Router
     from transformers.models.mixtral.modeling_mixtral import MixtralTopKRouter
@@ -469,6 +517,22 @@ def _hf_routers():
             ),
             "deepseek_v3",
         ),
+        # one kept group: Inductor turns the group-mask scatter into a one-hot compare before our pass
+        "deepseek_v3_topk_group_1": (
+            DeepseekV3TopkRouter(
+                DeepseekV3Config(
+                    n_routed_experts=16, n_group=4, topk_group=1, norm_topk_prob=True, routed_scaling_factor=2.5, **sizes
+                )
+            ),
+            "deepseek_v3",
+        ),
+        # GLM-4-MoE's configuration: one group of all experts
+        "glm4_moe": (
+            Glm4MoeTopkRouter(
+                Glm4MoeConfig(n_routed_experts=16, n_group=1, topk_group=1, norm_topk_prob=True, **sizes)
+            ),
+            "deepseek_v3",
+        ),
     }
 
 
@@ -486,7 +550,7 @@ def test_transformers_routers_are_rewritten(lowered, dtype):
             ref = router(hidden)
         assert rewrites() == {counter: 1}, name
         assert ROUTE_CALL in code, name
-        if name == "deepseek_v3":  # (logits, weights, ids), top-k with sorted=False
+        if counter == "deepseek_v3":  # (logits, weights, ids), top-k with sorted=False
             out, ref = (out[0], *by_expert(*out[1:])), (ref[0], *by_expert(*ref[1:]))
         assert_same(out, ref)
 

@@ -47,6 +47,11 @@ inputs::
                  topk getitem gather sum add div
                  ``sorted=False`` leaves the order of the k experts unspecified;
                  ``route`` returns them sorted (same (id, weight) pairs).
+                 With topk_group = 1 (GLM-4-MoE: n_group = topk_group = 1)
+                 Inductor's joint-graph pass (``scatter_upon_const_tensor``)
+                 has already replaced the scatter by a one-hot compare
+                 (expand(idx) == iota, where(., 1, 0), cast); two more
+                 patterns take that form (one group: no clone after expand).
 
 ``topk`` may be spelled ``torch.topk(x, k)``, ``x.topk(k)``, ``dim=-1``
 (which traces to ``aten.topk(x, k)``: the default is dropped, like
@@ -282,6 +287,54 @@ def _deepseek_v3(logits, correction_bias, group_mask, minus_inf, top_k, num_grou
     return weights / (weights.sum(dim=-1, keepdim=True) + 1e-20), ids
 
 
+def _deepseek_v3_one_group(logits, correction_bias, minus_inf, top_k, num_groups, per_group):
+    # _deepseek_v3 with topk_group == 1 (GLM-4-MoE: n_group = topk_group = 1) as Inductor's joint-graph
+    # pass leaves it before ours: a scatter of one index per row into a constant tensor becomes a
+    # one-hot compare (``scatter_upon_const_tensor``: expand(idx) == iota, where(., 1, 0), cast)
+    scores = logits.sigmoid()
+    choice = scores + correction_bias
+    group_scores = choice.view(-1, num_groups, per_group).topk(2, dim=-1)[0].sum(dim=-1)
+    group_idx = torch.topk(group_scores, k=1, dim=-1, sorted=False)[1]
+    picked = group_idx.expand(group_scores.shape) == torch.arange(num_groups, device=logits.device).view(1, num_groups)
+    group_mask = torch.where(picked, 1, 0).to(torch.float32)
+    score_mask = group_mask.unsqueeze(-1).expand(-1, num_groups, per_group).reshape(-1, num_groups * per_group)
+    choice = torch.where(~score_mask.bool(), minus_inf, choice)  # masked_fill(..., -inf)
+    ids = torch.topk(choice, k=top_k, dim=-1, sorted=False)[1]
+    weights = scores.gather(1, ids)
+    return weights / (weights.sum(dim=-1, keepdim=True) + 1e-20), ids
+
+
+def _deepseek_v3_single_group(logits, correction_bias, minus_inf, top_k, per_group):
+    # _deepseek_v3_one_group with one group of all experts (GLM-4-MoE's n_group = 1): the score
+    # mask's expand is then a view, traced without the clone
+    return _deepseek_v3_one_group(logits, correction_bias, minus_inf, top_k, 1, per_group)
+
+
+def _deepseek_v3_single_group_replacement(logits, correction_bias, minus_inf, top_k, per_group):
+    return _deepseek_v3_replacement(logits, correction_bias, None, minus_inf, top_k, 1, per_group, 1)
+
+
+def _deepseek_v3_one_group_replacement(logits, correction_bias, minus_inf, top_k, num_groups, per_group):
+    return _deepseek_v3_replacement(logits, correction_bias, None, minus_inf, top_k, num_groups, per_group, 1)
+
+
+def _deepseek_v3_one_group_ok(match) -> bool:
+    """``_deepseek_v3_ok`` for one kept group (no group mask input)."""
+    kw = match.kwargs
+    logits, bias = (meta_val(kw[name]) for name in ("logits", "correction_bias"))
+    experts = kw.get("num_groups", 1) * kw["per_group"]
+    return (
+        logits.dim() == 2
+        and logits.dtype == torch.float32
+        and bias.dim() == 1
+        and bias.is_floating_point()
+        and statically_known_true(logits.shape[1] == experts)
+        and statically_known_true(bias.shape[0] == experts)
+        and _is_constant(kw["minus_inf"], float("-inf"))
+        and kw["top_k"] <= kw["per_group"]
+    )
+
+
 def _deepseek_v3_replacement(logits, correction_bias, group_mask, minus_inf, top_k, num_groups, per_group, topk_groups):
     weights, ids = torch.ops.moe_quant.route.default(
         logits, top_k, RoutingMethod.DEEPSEEK_V3.value, correction_bias, num_groups, topk_groups
@@ -391,6 +444,24 @@ REWRITES = (
         # primes no router config uses (see _MAGIC)
         example_shapes=((3, 23 * 29), (23 * 29,), (3, 23), ()),
         magic={"top_k": 31, "num_groups": 23, "per_group": 29, "topk_groups": 19},
+    ),
+    Rewrite(
+        name=RoutingMethod.DEEPSEEK_V3.value,
+        search=_deepseek_v3_one_group,
+        replace=_deepseek_v3_one_group_replacement,
+        check=_deepseek_v3_one_group_ok,
+        example_dtypes=(torch.float32,),
+        example_shapes=((3, 23 * 29), (23 * 29,), ()),
+        magic={"top_k": 31, "num_groups": 23, "per_group": 29},
+    ),
+    Rewrite(
+        name=RoutingMethod.DEEPSEEK_V3.value,
+        search=_deepseek_v3_single_group,
+        replace=_deepseek_v3_single_group_replacement,
+        check=_deepseek_v3_one_group_ok,
+        example_dtypes=(torch.float32,),
+        example_shapes=((3, 37), (37,), ()),  # (top_k 31 must fit in the one group)
+        magic={"top_k": 31, "per_group": 37},
     ),
 )
 
